@@ -1,0 +1,1 @@
+"""One module per PEFT family; each exposes ``METHOD`` (see ``theory.registry``)."""
