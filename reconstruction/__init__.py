@@ -1,0 +1,19 @@
+"""Batched reconstruction of target matrices by PEFT updates (DESIGN §4).
+
+>>> from reconstruction import make_target, fit
+>>> t = make_target("orthogonal", (64, 64), batch=2)
+>>> import theory
+>>> res = fit("abba", t.M, theory.get_method("abba").config(r1=4, r2=4))
+>>> res.rel_error.shape
+torch.Size([2])
+
+``targets``: the synthetic kinds of the ABBA paper's Fig. 2 and more, files, W0
+stand-ins. ``fit``: the solvers (svd, als, adam) behind one function.
+CLI: ``python -m reconstruction.run``.
+"""
+
+from .fit import FitResult, fit, lora_optimum, relative_error, solvers_for
+from .targets import KINDS, Target, base_weight, get_target, load_target, make_target
+
+__all__ = ["KINDS", "FitResult", "Target", "base_weight", "fit", "get_target", "load_target",
+           "lora_optimum", "make_target", "relative_error", "solvers_for"]

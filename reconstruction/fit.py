@@ -1,0 +1,386 @@
+"""Fit a PEFT update to a batch of target matrices.
+
+Problem (DESIGN §4; the metric of Singhal et al., ABBA, 2025, Fig. 2): for each
+target M_b (m, n) find the method's factors minimizing the relative error
+
+    e_b = ‖M_b − ΔW_b‖_F² / ‖M_b‖_F².
+
+Solvers (every one batched over the targets, on any device, float32 or float64):
+
+- ``svd``: closed form, LoRA (truncated SVD, Eckart-Young) and full (ΔW = M);
+- ``als``: alternating least squares for methods linear in each factor (LoRA,
+  HiRA, ABBA, LoHa, SMoA; ``solvers.als``); exact row-wise solves, monotone;
+- ``adam``: every method (``solvers.adam``);
+- ``auto``: svd for LoRA/full, ALS where available, Adam otherwise. For the
+  Hadamard pairs ABBA and LoHa, ALS runs from at least 3 starts and keeps the best
+  per target: ``lora-warm``, then ``spectral`` (seeds seed, seed + 1, ...) when
+  r1·r2 <= min(m, n), Gaussian starts otherwise.
+
+Reconstruction inits, besides each method's own (``solvers.common``):
+
+- ``lora-warm`` (ABBA, LoHa): B1 A1 = truncated SVD of M at rank r1, B2 = [1, ε N],
+  A2 = [1; ε N], so ΔW starts at ≈ the rank-r1 LoRA optimum;
+- ``spectral`` (ABBA, LoHa, r1 r2 <= min(m, n)): the Khatri-Rao form ΔW = L Rᵀ,
+  L = B1 ⊙_r B2, searched in the top-(r1 r2) singular subspace by alternating
+  projections onto rank-one rows: recovers exact Hadamard targets where random
+  starts stall;
+- ``svd`` (LoRA): the optimum itself.
+
+Targets are fitted at unit RMS (M / rms(M)) when ΔW is linear in some factor
+group (the result is scaled back), so Adam's step sizes mean the same on every
+target; the relative error is unchanged. At the end, for those methods, the
+update is replaced by its best multiple c·ΔW (c = <M, ΔW>/‖ΔW‖²), so no solver
+returns an error above 1, the error of the zero update.
+
+>>> import theory, torch
+>>> from reconstruction.targets import make_target
+>>> M = make_target("random", (40, 30)).M
+>>> res = fit("lora", M, theory.get_method("lora").config(r=4))
+>>> bool(torch.allclose(res.rel_error, lora_optimum(M.double(), 4), atol=1e-5))
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+
+import torch
+from torch import Tensor
+
+import theory
+from theory.base import Config
+
+from .solvers import als as _als
+from .solvers.adam import run_adam
+from .solvers.common import (
+    ALS_FAMILIES,
+    HADAMARD_PAIR,
+    extra_inits,
+    homogeneous_factors,
+    initial_params,
+    optimal_rescale,
+    scale_factors,
+    structure,
+)
+from .solvers.svd import CLOSED_FORM, fit_svd
+
+SOLVERS = ("auto", "svd", "als", "adam")
+#: default iteration counts (Adam steps, ALS sweeps)
+ADAM_STEPS = 2000
+ALS_SWEEPS = 200
+ADAM_LR = 1e-2
+#: at most this many entries (m n) per matrix: fitted with one CPU thread
+SMALL = 256 * 256
+
+
+def relative_error(M: Tensor, D: Tensor) -> Tensor:
+    """‖M − D‖_F² / ‖M‖_F² per matrix: (..., m, n) -> (...). A zero target gives ‖D‖_F²."""
+    num = ((M - D) ** 2).sum((-2, -1))
+    den = (M * M).sum((-2, -1))
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def lora_optimum(M: Tensor, r: int) -> Tensor:
+    """Exact best relative error of rank-r LoRA, Σ_{k>r} σ_k² / Σ_k σ_k² (Eckart-Young),
+    per matrix: (..., m, n) -> (...)."""
+    s2 = torch.linalg.svdvals(M) ** 2  # (..., p)
+    tot = s2.sum(-1)
+    tail = s2[..., int(r):].sum(-1)
+    return tail / torch.where(tot > 0, tot, torch.ones_like(tot))
+
+
+@dataclasses.dataclass
+class FitResult:
+    method: str
+    config: Config
+    solver: str
+    init: str
+    params: dict[str, Tensor]  # batched factors (B, ...), trainable and frozen
+    delta: Tensor  # (B, m, n)
+    rel_error: Tensor  # (B,) float64 on cpu
+    history: list[float]  # mean relative error per step (adam) / sweep (als)
+    steps: int
+    seconds: float
+    diverged: Tensor  # (B,) bool
+    #: per-target error per step/sweep, (steps+1, B) float64 cpu (of the best restart)
+    history_per_target: Tensor | None = None
+    #: per target, the restart (init, seed) that won
+    winners: list[str] = dataclasses.field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (f"FitResult({self.method} {self.config}, solver={self.solver}, init={self.init}, "
+                f"rel_error={[round(float(e), 5) for e in self.rel_error]}, steps={self.steps}, "
+                f"{self.seconds:.2f}s)")
+
+
+def solvers_for(method_name: str) -> list[str]:
+    """The solvers that handle a method, best first."""
+    name = theory.get_method(method_name).name
+    out = []
+    if name in CLOSED_FORM:
+        out.append("svd")
+    if name in ALS_FAMILIES:
+        out.append("als")
+    out.append("adam")
+    return out
+
+
+def inits_for(method_name: str) -> list[str]:
+    """Initializations ``fit`` accepts for a method (its own, then reconstruction ones)."""
+    m = theory.get_method(method_name)
+    return [*m.inits, *extra_inits(m.name)]
+
+
+def _default_inits(method, solver: str, restarts: int, init: str | None,
+                   spectral_ok: bool = False) -> list[tuple[str, int]]:
+    """(scheme, seed offset) per restart."""
+    if init is not None:
+        return [(init, i) for i in range(restarts)]
+    if solver == "als":
+        if method.name in HADAMARD_PAIR:
+            if spectral_ok:  # lora-warm, then spectral from seeds seed, seed + 1, ...
+                return [("lora-warm", 0)] + [("spectral", i) for i in range(restarts - 1)]
+            return [("lora-warm", 0)] + [("gaussian", i) for i in range(1, restarts)]
+        first = "gaussian" if "gaussian" in method.inits else method.inits[0]
+        return [(first, i) for i in range(restarts)]
+    return [(method.inits[0], i) for i in range(restarts)]
+
+
+def _pair_ranks(meth, config) -> tuple[int, int]:
+    if hasattr(config, "r1"):
+        return int(config.r1), int(config.r2)
+    return int(config.r), int(config.r)
+
+
+def _prepare(M: Tensor, dtype, device) -> Tensor:
+    if not torch.is_tensor(M):
+        raise ValueError(f"targets must be a torch.Tensor, got {type(M).__name__}")
+    if M.ndim == 2:
+        M = M[None]
+    if M.ndim != 3:
+        raise ValueError(f"targets must have shape (B, m, n) or (m, n), got {tuple(M.shape)}")
+    if min(M.shape) < 1:
+        raise ValueError(f"targets have an empty dimension: {tuple(M.shape)}")
+    if dtype is None:
+        dtype = M.dtype if M.dtype in (torch.float32, torch.float64) else torch.float32
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    M = M.to(device=device if device is not None else M.device, dtype=dtype)
+    if not bool(torch.isfinite(M).all()):
+        bad = [i for i in range(M.shape[0]) if not bool(torch.isfinite(M[i]).all())]
+        raise ValueError(f"target {bad[0]} contains NaN or inf values")
+    zero = (M == 0).flatten(1).all(1)
+    if bool(zero.any()):
+        i = int(zero.nonzero()[0, 0])
+        raise ValueError(f"target {i} is all zeros: its relative error is undefined")
+    return M
+
+
+@contextlib.contextmanager
+def _threads_for(M: Tensor):
+    """One intra-op thread for small CPU problems: their many tiny ops gain nothing from
+    threads, and on a busy machine spinning threads slow them down by 10-100x."""
+    small = M.device.type == "cpu" and M.ndim >= 2 and M.shape[-2] * M.shape[-1] <= SMALL
+    old = torch.get_num_threads()
+    if small and old > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small and old > 1:
+            torch.set_num_threads(old)
+
+
+def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = None,
+        solver: str = "auto", steps: int | None = None, init: str | None = None, seed: int = 0,
+        lr: float | None = None, device=None, dtype=None, progress: bool = False,
+        tol: float = 1e-7, restarts: int = 1, schedule: str = "cosine",
+        window: int | None = None, params0: dict[str, Tensor] | None = None) -> FitResult:
+    """Fit ``method`` (a registry name or Method) at ``config`` to the targets ``M``
+    (B, m, n) (or (m, n)).
+
+    ``w0`` (B, m, n) or (m, n): the base weights (needed by HiRA, SMoA...; ABBA's paper
+    init reads it). Without it a stand-in N(0, 1/n) drawn from ``seed`` is used and
+    ``FitResult.init`` says so. ``steps``: Adam steps (default 2000) or ALS sweeps
+    (default 200). ``restarts``: number of starts (seeds seed, seed+1, ...); the best
+    is kept per target. ``tol``/``window``: stop a target when its error improved by
+    less than ``tol`` (relative) over ``window`` steps/sweeps. ``params0``: start from
+    these factors (batched like the targets, e.g. another fit's ``params``: ALS then
+    Adam) instead of an init.
+    """
+    with _threads_for(M if torch.is_tensor(M) else torch.zeros(1, 1)):
+        return _fit(method, M, config, w0=w0, solver=solver, steps=steps, init=init, seed=seed,
+                    lr=lr, device=device, dtype=dtype, progress=progress, tol=tol,
+                    restarts=restarts, schedule=schedule, window=window, params0=params0)
+
+
+def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype, progress, tol,
+         restarts, schedule, window, params0) -> FitResult:
+    t_start = time.perf_counter()
+    meth = method if isinstance(method, theory.Method) else theory.get_method(method)
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+    M = _prepare(M, dtype, device)
+    Bn, m, n = M.shape
+    dtype, device = M.dtype, M.device
+    if config is None:
+        config = meth.config()
+    meth.validate(m, n, config)
+    if steps is not None and int(steps) < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if int(restarts) < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    w0_note = ""
+    if w0 is None:
+        g = torch.Generator().manual_seed(int(seed) + 7919)
+        w0 = (torch.randn(Bn, m, n, generator=g, dtype=torch.float64) / math.sqrt(n)).to(M)
+        w0_note = " (W0 stand-in N(0,1/n))" if meth.needs_w0 else ""
+    else:
+        if not torch.is_tensor(w0):
+            raise ValueError(f"w0 must be a torch.Tensor, got {type(w0).__name__}")
+        w0 = w0.to(device=device, dtype=dtype)
+        if w0.ndim == 2:
+            w0 = w0.expand(Bn, m, n)
+        if tuple(w0.shape) != (Bn, m, n):
+            raise ValueError(f"w0 has shape {tuple(w0.shape)}, the targets {(Bn, m, n)}")
+        if not bool(torch.isfinite(w0).all()):
+            raise ValueError("w0 contains NaN or inf values")
+        w0 = w0.contiguous()
+
+    # which solver
+    avail = solvers_for(meth.name)
+    chosen = solver
+    if solver == "auto":
+        chosen = "svd" if "svd" in avail else ("als" if "als" in avail else "adam")
+        if chosen == "als" and meth.name in HADAMARD_PAIR and init is None:
+            restarts = max(int(restarts), 3)
+    elif solver not in avail:
+        raise ValueError(f"{meth.name}: solver {solver!r} not available; "
+                         f"solvers: {', '.join(avail)}")
+
+    # fit at unit RMS when ΔW is linear in some factor group
+    probe_params = initial_params(meth, M[:1], w0[:1], config, seed, meth.inits[0])
+    hom = homogeneous_factors(meth, probe_params, w0[:1], config)
+    rms = ((M * M).mean((-2, -1)).sqrt())  # (B,)
+    c = torch.where(rms > 0, rms, torch.ones_like(rms)) if hom else torch.ones_like(rms)
+    Mt = M / c[:, None, None]
+
+    spectral_ok = meth.name in HADAMARD_PAIR and _pair_ranks(meth, config)[0] * \
+        _pair_ranks(meth, config)[1] <= min(m, n)
+    starts = _default_inits(meth, chosen, int(restarts), init, spectral_ok)
+    if chosen == "svd":
+        starts = starts[:1]
+    best_p, best_e, best_hist, winners = None, None, None, [""] * Bn
+    diverged = torch.zeros(Bn, dtype=torch.bool)
+    n_steps = 0
+    if params0 is not None:  # warm start from given factors (e.g. a previous FitResult.params)
+        ref = initial_params(meth, Mt[:1], w0[:1], config, seed, meth.inits[0])
+        bad = [k for k in ref if k not in params0 or tuple(params0[k].shape[1:]) != tuple(ref[k].shape[1:])
+               or params0[k].shape[0] != Bn]
+        if bad:
+            raise ValueError(f"{meth.name}: params0 lacks or misshapes factor(s) {bad}")
+        given = {k: params0[k].detach().to(device=device, dtype=dtype) for k in ref}
+        if hom:
+            given = scale_factors(given, hom, 1.0 / c.double())
+        starts = [("given", 0)]
+    for scheme, off in starts:
+        p0 = given if scheme == "given" else initial_params(meth, Mt, w0, config, seed + off, scheme)
+        div = torch.zeros(Bn, dtype=torch.bool, device=device)
+        if chosen == "svd":
+            p = fit_svd(meth, Mt, w0, config, p0)
+            hist = [relative_error(Mt, meth.delta(p, w0, config)).double()]
+            k = 0
+        elif chosen == "als":
+            p, hist, k = _run_als(meth, Mt, w0, config, p0, steps=ALS_SWEEPS if steps is None else int(steps),
+                                  tol=tol, window=window, progress=progress)
+        else:
+            p, hist, k, div = run_adam(meth, Mt, w0, config, p0,
+                                       steps=ADAM_STEPS if steps is None else int(steps),
+                                       lr=ADAM_LR if lr is None else float(lr), schedule=schedule,
+                                       tol=tol, window=window, progress=progress)
+        with torch.no_grad():
+            e = relative_error(Mt.double(), meth.delta(p, w0, config).double())  # (B,)
+            e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
+        n_steps = max(n_steps, k)
+        H = torch.stack([h.double().cpu() for h in hist])  # (steps+1, B)
+        if best_p is None:
+            best_p, best_e, best_hist = p, e, H
+            winners = [f"{scheme}:{seed + off}"] * Bn
+            diverged = div.cpu()
+            continue
+        better = e < best_e
+        for key in best_p:
+            v = best_p[key]
+            best_p[key] = torch.where(better.reshape(-1, *([1] * (v.ndim - 1))), p[key], v)
+        best_e = torch.where(better, e, best_e)
+        L = max(best_hist.shape[0], H.shape[0])
+        best_hist = torch.where(better.cpu()[None], _pad(H, L), _pad(best_hist, L))
+        diverged = torch.where(better.cpu(), div.cpu(), diverged)
+        winners = [f"{scheme}:{seed + off}" if bool(better[b]) else winners[b] for b in range(Bn)]
+
+    params = best_p
+    with torch.no_grad():
+        if hom:
+            D = meth.delta(params, w0, config)
+            cc = optimal_rescale(Mt, D)  # never worse than the zero update
+            cc = torch.where(torch.isfinite(cc), cc, torch.ones_like(cc))
+            params = scale_factors(params, hom, cc * c.double())
+        params = {k: v.detach() for k, v in params.items()}
+        delta = meth.delta(params, w0, config).detach()  # (B, m, n)
+        rel = relative_error(M.double(), delta.double()).cpu()
+    if not bool(torch.isfinite(rel).all()):
+        raise RuntimeError(f"{meth.name}: the fit returned a non-finite error; please report")
+    init_label = starts[0][0] if len(starts) == 1 else "+".join(dict.fromkeys(s for s, _ in starts))
+    return FitResult(
+        method=meth.name, config=config, solver=chosen, init=init_label + w0_note,
+        params=params, delta=delta, rel_error=rel,
+        history=[float(h.mean()) for h in best_hist], steps=int(n_steps),
+        seconds=time.perf_counter() - t_start, diverged=diverged.cpu(),
+        history_per_target=best_hist, winners=winners)
+
+
+def _pad(X: Tensor, L: int) -> Tensor:
+    """Repeat the last row of X (k, B) up to L rows."""
+    return torch.cat([X, X[-1:].expand(L - X.shape[0], -1)]) if X.shape[0] < L else X
+
+
+def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
+             window: int | None, progress: bool, extrapolate: bool = True):
+    """ALS sweeps until ``steps`` or every target stalls. Returns (params, hist, sweeps)."""
+    from tqdm.auto import tqdm
+
+    st = structure(meth, p0, w0, config)
+    if st is None:
+        raise ValueError(f"{meth.name}: ALS needs the product form s·Σ F ⊙ Π(B A), "
+                         f"which this method's delta does not match")
+    p = _als.unstick(st, {k: v.detach() for k, v in p0.items()})
+    order = _als.sweep_order(st, p)
+    Bn = M.shape[0]
+    active = torch.ones(Bn, dtype=torch.bool, device=M.device)
+    window = window or 5
+    e = relative_error(M.double(), st.delta(p).double())
+    hist = torch.zeros(steps + 1, Bn, dtype=torch.float64, device=M.device)  # preallocated
+    hist[0] = e
+    k = 0
+    bar = tqdm(total=steps, disable=not progress, desc=f"als {meth.name}", leave=False)
+    names = [x for t in st.terms for pair in t.pairs for x in pair]
+    beta = torch.full((Bn,), 0.5, dtype=torch.float64, device=M.device)
+    with torch.no_grad():
+        for k in range(1, steps + 1):
+            prev = p
+            p = _als.als_sweep(st, M, p, order, active)
+            e = relative_error(M.double(), st.delta(p).double())
+            if extrapolate and k >= 2:
+                p, e, beta = _als.extrapolate(st, M, prev, p, e, beta, active, names)
+            hist[k] = torch.where(active, e, hist[k - 1])
+            bar.update(1)
+            if k >= window:
+                old = hist[k - window]
+                active &= ~((old - hist[k]) <= tol * old)
+            if not bool(active.any()):
+                break
+        bar.close()
+    return p, list(hist[: k + 1]), k

@@ -1,0 +1,16 @@
+"""Batched reconstruction solvers behind ``reconstruction.fit.fit``:
+
+- ``svd``: closed forms (LoRA's truncated SVD, full ΔW = M);
+- ``als``: alternating least squares for updates linear in each factor;
+- ``adam``: gradient descent on the relative error, every method;
+- ``common``: batched inits (``lora-warm``, ``spectral``), the product form the
+  ALS reads, homogeneity probes and the optimal rescaling;
+- ``fig2``: the comparison with the ABBA paper's Fig. 2
+  (``python -m reconstruction.solvers.fig2 --help``; slow, not a test).
+"""
+
+from .adam import run_adam
+from .als import als_sweep
+from .svd import fit_svd
+
+__all__ = ["als_sweep", "fit_svd", "run_adam"]

@@ -1,0 +1,99 @@
+"""Adam on the relative reconstruction error, for every registered method.
+
+Loss = Σ_b ‖M_b − ΔW_b‖_F² / ‖M_b‖_F²: a sum over the batch, so each target's
+gradient (and, Adam being elementwise, its whole trajectory) is independent of the
+others. Learning-rate schedule: linear warm-up over the first 2% of the steps, then
+cosine decay to 1% of ``lr`` ("cosine") or ×0.1 at 50% and 75% ("step").
+
+Per target: the best iterate is kept; a target stops (its best is frozen) when its
+best error improved by less than ``tol`` (relative) over the last ``window`` steps;
+a NaN/inf (or astronomically large) error marks it ``diverged`` and stops it at its
+last finite best. The loop ends when every target has stopped or after ``steps``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .common import Params
+
+#: an error above this counts as divergence
+BLOWUP = 1e12
+
+
+def lr_at(t: int, steps: int, lr: float, schedule: str) -> float:
+    warm = max(1, steps // 50)
+    w = min(1.0, (t + 1) / warm)
+    if schedule == "cosine":
+        return lr * w * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / max(steps, 1))))
+    if schedule == "step":
+        return lr * w * (0.1 ** ((t >= steps // 2) + (t >= 3 * steps // 4)))
+    if schedule == "constant":
+        return lr * w
+    raise ValueError(f"unknown schedule {schedule!r}; known: cosine, step, constant")
+
+
+def run_adam(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, steps: int,
+             lr: float, schedule: str = "cosine", tol: float = 1e-7, window: int | None = None,
+             progress: bool = False) -> tuple[Params, list[Tensor], int, Tensor]:
+    """Returns (best params, per-step errors [(b,)...], steps run, diverged (b,))."""
+    from tqdm.auto import tqdm
+
+    b = M.shape[0]
+    frozen = set(method.frozen)
+    train = {k: v.detach().clone().requires_grad_(True) for k, v in params0.items() if k not in frozen}
+    fixed = {k: v.detach() for k, v in params0.items() if k in frozen}
+    best = {k: v.detach().clone() for k, v in train.items()}
+    norm2 = (M * M).sum((-2, -1)).clamp_min(torch.finfo(M.dtype).tiny)  # (b,)
+    best_err = torch.full((b,), math.inf, dtype=torch.float64, device=M.device)
+    active = torch.ones(b, dtype=torch.bool, device=M.device)
+    diverged = torch.zeros(b, dtype=torch.bool, device=M.device)
+    window = window or max(50, steps // 20)
+    opt = torch.optim.Adam(list(train.values()), lr=lr)
+    # per-step records, preallocated: growing lists of small tensors interleaved with the
+    # big temporaries fragment the CPU heap (RSS grew ~linearly with the steps)
+    H = torch.zeros(steps + 1, b, dtype=torch.float64, device=M.device)
+    BH = torch.zeros(steps + 1, b, dtype=torch.float64, device=M.device)
+    bar = tqdm(total=steps, disable=not progress, desc=f"adam {method.name}", leave=False)
+    t = 0
+    for t in range(steps + 1):  # the last pass only evaluates
+        D = method.delta({**train, **fixed}, w0, config)  # (b, m, n)
+        err = ((M - D) ** 2).sum((-2, -1)) / norm2  # (b,)
+        e = err.detach().double()
+        bad = ~torch.isfinite(e) | (e > BLOWUP)
+        newly = bad & active
+        diverged |= newly
+        active &= ~newly
+        better = active & (e < best_err)
+        best_err = torch.where(better, e, best_err)
+        with torch.no_grad():
+            for k, v in train.items():  # in place: no new big allocation per step
+                torch.where(better.reshape(-1, *([1] * (v.ndim - 1))), v, best[k], out=best[k])
+        H[t] = torch.where(torch.isfinite(e), e, best_err)
+        BH[t] = best_err
+        if t >= window:  # stopping rule, per target
+            old = BH[t - window]
+            stalled = (old - best_err) <= tol * old
+            active &= ~stalled
+        if t == steps or not bool(active.any()):
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(t, steps, lr, schedule)
+        opt.zero_grad(set_to_none=False)
+        loss = torch.where(active, err, torch.zeros_like(err)).sum()
+        loss.backward()
+        with torch.no_grad():
+            for v in train.values():
+                if v.grad is not None:
+                    v.grad.nan_to_num_(0.0, 0.0, 0.0)
+                    v.grad.mul_(active.reshape(-1, *([1] * (v.ndim - 1))).to(v.grad))
+        opt.step()
+        bar.update(1)
+        if progress and t % 20 == 0:
+            bar.set_postfix(err=f"{float(best_err.mean()):.4g}")
+    bar.close()
+    out = {**{k: v.detach() for k, v in best.items()}, **fixed}
+    return {k: out[k] for k in params0}, list(H[: t + 1]), t, diverged

@@ -1,0 +1,173 @@
+"""Alternating least squares for updates linear in each factor (LoRA, HiRA, ABBA,
+LoHa, SMoA), batched over targets.
+
+With the method written as ΔW = s Σ_t F_t ⊙ Π_pairs (B A) (``common.Structure``),
+fixing everything but one factor B (m, r) of one pair leaves
+
+    min_B ‖T − s · C ⊙ (B A)‖_F²,  T = M − (the other terms),  C = F_t ⊙ (other pairs of t),
+
+which splits over the rows of B: row i solves an r×r system
+
+    G_i b_i = rhs_i / s,   G_i = Σ_j A[:, j] A[:, j]ᵀ C[i, j]²,   rhs_i = Σ_j A[:, j] C[i, j] T[i, j].
+
+All G_i come from one matmul, G = (C ⊙ C) @ KR(A), KR(A)[j] = vec(A[:, j] A[:, j]ᵀ)
+(n, r²; only its r(r+1)/2 distinct entries are formed), so the (m, r, n) design is never formed (DESIGN §4); rhs = (C ⊙ T) Aᵀ.
+The (b·m) systems are solved at once in float64 with a tiny ridge
+(λ_i = 1e-10·tr G_i/r + a floor). The A-factor is the transposed problem. For
+LoRA (C = 1) every row shares G = A Aᵀ.
+
+Safeguards: before B is solved, A is replaced by orthonormal rows (QR; B absorbs
+R, ΔW unchanged), which keeps G as well conditioned as C allows; a row's update is
+accepted only if it lowers that row's objective, so the error never increases
+from sweep to sweep; the two pairs of a Hadamard term are rebalanced to equal
+norms after each sweep (ΔW unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import Params, Structure
+
+
+def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
+               ridge: float = 1e-10) -> Tensor:
+    """argmin_B ‖T − s C ⊙ (B A)‖² row by row; rows that would not improve keep B_old.
+
+    T, C: (b, m, n); A: (b, r, n); B_old: (b, m, r). Returns (b, m, r)."""
+    b, r, _n = A.shape
+    m = T.shape[-2]
+    if C is None:
+        G = (A @ A.mT)[:, None]  # (b, 1, r, r)
+        rhs = T @ A.mT  # (b, m, r)
+    else:
+        # only the r(r+1)/2 distinct entries of the symmetric G_i: half the flops
+        iu, ju = torch.triu_indices(r, r, device=A.device)
+        KR = A[:, iu, :] * A[:, ju, :]  # (b, r(r+1)/2, n)
+        g = (C * C) @ KR.mT  # (b, m, r(r+1)/2)
+        G = torch.zeros(b, m, r, r, dtype=g.dtype, device=g.device)
+        G[..., iu, ju] = g
+        G[..., ju, iu] = g
+        rhs = (C * T) @ A.mT  # (b, m, r)
+    Gd, rd = G.double(), rhs.double()
+    tr = torch.diagonal(Gd, dim1=-2, dim2=-1).sum(-1)  # (b, m) or (b, 1)
+    floor = 1e-13 * tr.mean(-1, keepdim=True) / r + 1e-300  # (b, 1)
+    lam = ridge * tr / r + floor
+    eye = torch.eye(r, dtype=torch.float64, device=A.device)
+    Greg = Gd + lam[..., None, None] * eye
+    L, info = torch.linalg.cholesky_ex(Greg)
+    if bool((info != 0).any()):
+        Bn = torch.linalg.lstsq(Greg.expand(b, m, r, r), rd[..., None]).solution[..., 0]
+    else:
+        Bn = torch.cholesky_solve(rd[..., None], L.expand(b, m, r, r))[..., 0]  # (b, m, r)
+    Bn = Bn / s
+
+    def obj(X: Tensor) -> Tensor:  # row objective minus const: s² xᵀGx − 2 s xᵀrhs
+        Gx = (Gd @ X[..., None])[..., 0]
+        return s * s * (X * Gx).sum(-1) - 2 * s * (X * rd).sum(-1)  # (b, m)
+
+    Bo = B_old.double()
+    ok = torch.isfinite(Bn).all(-1) & (obj(Bn) <= obj(Bo))
+    return torch.where(ok[..., None], Bn, Bo).to(B_old)
+
+
+def _orth_rows(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """(B Rᵀ, Qᵀ) with Aᵀ = Q R: same product, A with orthonormal rows."""
+    Q, R = torch.linalg.qr(A.mT)  # (b, n, r), (b, r, r)
+    return B @ R.mT, Q.mT
+
+
+def _orth_cols(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """(Q, R A) with B = Q R: same product, B with orthonormal columns."""
+    Q, R = torch.linalg.qr(B)
+    return Q, R @ A
+
+
+def unstick(st: Structure, params: Params, seed: int = 0) -> Params:
+    """Where a pair's A factor is all zero (e.g. LoHa's A2 = 0 init), make it a random
+    Gaussian and zero its B instead: the product (so ΔW) is unchanged, but the first
+    solve for B then sees generic directions, not the coordinate axes a QR of zero
+    would give (on a sparse target those trap ALS at a poor stationary point)."""
+    p = dict(params)
+    g = torch.Generator().manual_seed(int(seed) + 99991)
+    for term in st.terms:
+        for b, a in term.pairs:
+            A = p[a]
+            zero = (A == 0).flatten(1).all(1)  # (batch,)
+            if bool(zero.any()):
+                R = torch.randn(A.shape[1:], generator=g, dtype=torch.float64).to(A)
+                z = zero.reshape(-1, 1, 1)
+                p[a] = torch.where(z, R.expand_as(A), A)
+                p[b] = torch.where(z, torch.zeros_like(p[b]), p[b])
+    return p
+
+
+def sweep_order(st: Structure, params: Params) -> list[tuple[int, int]]:
+    """(term, pair) update order: within a term, pairs holding an all-zero factor go
+    first (updating a pair whose partner is zero would stall at zero)."""
+    order = []
+    for t, term in enumerate(st.terms):
+        zero = [q for q, (b, a) in enumerate(term.pairs)
+                if bool((params[b] == 0).all()) or bool((params[a] == 0).all())]
+        rest = [q for q in range(len(term.pairs)) if q not in zero]
+        order += [(t, q) for q in zero + rest]
+    return order
+
+
+def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
+              ridge: float = 1e-10) -> Params:
+    """One sweep (every B then its A, pair by pair). Targets with active[b] False
+    keep their factors. Returns new params."""
+    p = dict(params)
+    s = st.scale
+    nt = len(st.terms)
+    for t, q in order:
+        bn, an = st.terms[t].pairs[q]
+        if nt > 1:
+            other = sum(st.product(p, u) for u in range(nt) if u != t)
+            T = M - s * other
+        else:
+            T = M
+        C = st.product(p, t, skip=q)  # (b, m, n) or None
+        # B step
+        B, A = _orth_rows(p[bn], p[an])
+        Bn = _row_solve(T, C, A, B, s, ridge)
+        # A step (transposed problem)
+        Bq, Aq = _orth_cols(Bn, A)
+        An = _row_solve(T.mT, None if C is None else C.mT, Bq.mT, Aq.mT, s, ridge).mT
+        keep = ~active
+        p[bn] = torch.where(keep[:, None, None], params[bn], Bq)
+        p[an] = torch.where(keep[:, None, None], params[an], An)
+    # rebalance the pairs of each Hadamard term to equal Frobenius norms
+    for term in st.terms:
+        if len(term.pairs) < 2:
+            continue
+        norms = torch.stack([torch.linalg.matrix_norm(p[b] @ p[a]) for b, a in term.pairs])
+        ok = active & (norms > 0).all(0) & torch.isfinite(norms).all(0)  # (b,)
+        geo = norms.clamp_min(1e-300).log().mean(0).exp()  # (b,)
+        for (b, a), nq in zip(term.pairs, norms):
+            c = torch.where(ok, geo / nq.clamp_min(1e-300), torch.ones_like(nq))
+            p[b] = p[b] * c[:, None, None]
+    return p
+
+
+def extrapolate(st: Structure, M: Tensor, prev: Params, cur: Params, err: Tensor, beta: Tensor,
+                active: Tensor, names: list[str]) -> tuple[Params, Tensor, Tensor]:
+    """Line-search acceleration (as for CP-ALS, Bro 1998): try cur + β (cur − prev) on
+    every factor; keep it for the targets where it lowers the error (β ← 1.5 β, at
+    most 4), else keep ``cur`` (β ← β/2, at least 0.05). The gauge (QR, balancing)
+    moves continuously between sweeps, so the step is meaningful; monotonicity is
+    untouched. Returns (params, errors, β), all per target."""
+    bsh = beta.reshape(-1, 1, 1)
+    cand = dict(cur)
+    for k in names:
+        cand[k] = cur[k] + bsh.to(cur[k]) * (cur[k] - prev[k])
+    e2 = (M.double() - st.delta(cand).double()).pow(2).sum((-2, -1)) / \
+        M.double().pow(2).sum((-2, -1)).clamp_min(1e-300)
+    ok = active & torch.isfinite(e2) & (e2 < err)
+    out = dict(cur)
+    for k in names:
+        out[k] = torch.where(ok.reshape(-1, 1, 1), cand[k], cur[k])
+    beta = torch.where(ok, (beta * 1.5).clamp(max=4.0), (beta / 2).clamp(min=0.05))
+    return out, torch.where(ok, e2, err), beta

@@ -1,0 +1,298 @@
+"""Pieces every solver shares: batched initial factors, the "linear structure" of
+a method (what ALS and the reconstruction inits need), homogeneity probes, and
+the optimal rescaling of an update.
+
+Structure. Methods linear in each factor write
+
+    ΔW = s · Σ_t F_t ⊙ Π_{(B, A) in t} (B A)                       (*)
+
+with F_t a fixed matrix (all-ones, W0, or a frozen SMoA mask M_k):
+
+    lora   [(B, A)]                         F = 1
+    hira   [(B, A)]                         F = W0
+    abba   [(B1, A1), (B2, A2)]             F = 1     (one term, two pairs)
+    loha   [(B1, A1), (B2, A2)]             F = 1
+    smoa   [(B_k, A_k)] for k = 0..K-1      F_k = M_k (K terms)
+
+The scale s is not read from the config: it is measured by comparing (*) with
+``method.delta`` on random factors, which also checks that the description is
+right (a method whose ``delta`` changes is then simply not offered to ALS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+#: families written as (*) above
+PAIR_NAMES = {
+    "lora": [[("B", "A")]],
+    "hira": [[("B", "A")]],
+    "abba": [[("B1", "A1"), ("B2", "A2")]],
+    "loha": [[("B1", "A1"), ("B2", "A2")]],
+}
+ALS_FAMILIES = ("lora", "hira", "abba", "loha", "smoa")
+#: families of the form s·(B1 A1) ⊙ (B2 A2), which get the "lora-warm" init
+HADAMARD_PAIR = ("abba", "loha")
+
+
+@dataclasses.dataclass
+class Term:
+    pairs: list[tuple[str, str]]  # factor names (B, A) of each low-rank pair
+    fixed: Tensor | None  # (b, m, n) F_t, None = all ones
+
+
+@dataclasses.dataclass
+class Structure:
+    terms: list[Term]
+    scale: float
+
+    def product(self, params: Params, t: int, skip: int | None = None) -> Tensor | None:
+        """F_t ⊙ Π_{pairs q != skip} B_q A_q (None when that is all-ones)."""
+        term, out = self.terms[t], self.terms[t].fixed
+        for q, (b, a) in enumerate(term.pairs):
+            if q == skip:
+                continue
+            p = params[b] @ params[a]  # (b, m, n)
+            out = p if out is None else out * p
+        return out
+
+    def delta(self, params: Params) -> Tensor:
+        out = None
+        for t in range(len(self.terms)):
+            p = self.product(params, t)
+            out = p if out is None else out + p
+        return self.scale * out
+
+
+def stack_init(method, w0: Tensor, config, seed: int, scheme: str) -> Params:
+    """``method.init`` on each target separately with the same seed, stacked on dim 0:
+    a target's starting point does not depend on the rest of the batch."""
+    per = [method.init(w0[b], config, int(seed), scheme=scheme) for b in range(w0.shape[0])]
+    return {k: torch.stack([p[k] for p in per]) for k in per[0]}
+
+
+def structure(method, params: Params, w0: Tensor | None, config) -> Structure | None:
+    """The (*) form of ``method`` for these factors, or None if it has none (or the
+    description does not reproduce ``method.delta``)."""
+    name = method.name
+    if name in PAIR_NAMES:
+        fixed = w0 if name == "hira" else None
+        terms = [Term(list(p), fixed) for p in PAIR_NAMES[name]]
+    elif name == "smoa" and "M" in params:
+        K = sum(1 for k in params if re.fullmatch(r"B_\d+", k))
+        terms = [Term([(f"B_{k}", f"A_{k}")], params["M"][:, k]) for k in range(K)]
+    else:
+        return None
+    if any(k not in params for t in terms for pair in t.pairs for k in pair):
+        return None
+    st = Structure(terms, 1.0)
+    # measure s and check the form on random factors of target 0
+    g = torch.Generator().manual_seed(12345)
+    probe = {k: v[:1].clone() for k, v in params.items()}
+    for t in terms:
+        for pair in t.pairs:
+            for k in pair:
+                probe[k] = torch.randn(probe[k].shape, generator=g, dtype=torch.float64).to(probe[k])
+    sub = Structure([Term(t.pairs, None if t.fixed is None else t.fixed[:1]) for t in terms], 1.0)
+    w0_1 = None if w0 is None else w0[:1]
+    try:
+        ref = method.delta(probe, w0_1, config).double()
+    except Exception:  # noqa: BLE001 - a method that cannot take these factors
+        return None
+    mine = sub.delta(probe).double()
+    nrm = float((mine * mine).sum())
+    if nrm == 0.0:
+        return None
+    s = float((ref * mine).sum()) / nrm
+    resid = float(((ref - s * mine) ** 2).sum()) / max(float((ref * ref).sum()), 1e-300)
+    eps = torch.finfo(params[terms[0].pairs[0][0]].dtype).eps
+    if not resid < 1e3 * eps or s == 0.0:
+        return None
+    st.scale = s
+    return st
+
+
+def _group(name: str) -> str:
+    return re.sub(r"[_\d]+$", "", name)
+
+
+def homogeneous_factors(method, params: Params, w0: Tensor | None, config) -> list[str] | None:
+    """Trainable factors ``fs`` such that ΔW is linear in them jointly
+    (ΔW(c·fs) = c ΔW): a single factor, else a group such as all ``B_k``.
+    Checked on random factors; None if there is none (DoRA, HUT, α-LoRA...)."""
+    trainable = [k for k in params if k not in method.frozen]
+    groups: list[list[str]] = [[k] for k in trainable]
+    by: dict[str, list[str]] = {}
+    for k in trainable:
+        by.setdefault(_group(k), []).append(k)
+    groups += [v for v in by.values() if len(v) > 1]
+    g = torch.Generator().manual_seed(54321)
+    probe = {k: v[:1].double().clone() for k, v in params.items()}
+    for k in trainable:
+        probe[k] = torch.randn(probe[k].shape, generator=g, dtype=torch.float64)
+    w0_1 = None if w0 is None else w0[:1].double()
+    try:
+        d1 = method.delta(probe, w0_1, config)
+    except Exception:  # noqa: BLE001
+        return None
+    n1 = float((d1 * d1).sum())
+    if not n1 > 0:
+        return None
+    for grp in groups:
+        p2 = dict(probe)
+        for k in grp:
+            p2[k] = 2.0 * probe[k]
+        try:
+            d2 = method.delta(p2, w0_1, config)
+        except Exception:  # noqa: BLE001, S112 - this group cannot be scaled alone
+            continue
+        if float(((d2 - 2.0 * d1) ** 2).sum()) <= 1e-20 * n1:
+            return grp
+    return None
+
+
+def scale_factors(params: Params, names: list[str], c: Tensor) -> Params:
+    """Multiply factors ``names`` of each target b by c[b] (c: (b,))."""
+    out = dict(params)
+    for k in names:
+        v = params[k]
+        out[k] = v * c.to(v).reshape(-1, *([1] * (v.ndim - 1)))
+    return out
+
+
+def optimal_rescale(M: Tensor, D: Tensor) -> Tensor:
+    """c = <M, D> / ‖D‖² per target (1 where D = 0): the best multiple of D,
+    whose error 1 − cos²(M, D) is never above 1 (the zero update)."""
+    num = (M * D).sum((-2, -1)).double()
+    den = (D * D).sum((-2, -1)).double()
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
+
+
+def lora_warm(method, M: Tensor, params: Params, st: Structure, seed: int, eps: float = 0.1) -> Params:
+    """The "lora-warm" start of a Hadamard pair s·(B1 A1) ⊙ (B2 A2):
+
+    B1 A1 = (rank-r1 truncated SVD of M) / s, B2 = [1, ε·N], A2 = [1; ε·N]
+    (first column / row all ones, the others small Gaussian), so that B2 A2 ≈ 1
+    and ΔW starts at ≈ the rank-r1 LoRA optimum: the Hadamard family then starts
+    where rank-r1 LoRA ends. ε = 0.1 keeps the other directions alive for Adam
+    (their contribution to B2 A2 is O(ε²)).
+    """
+    (b1, a1), (b2, a2) = st.terms[0].pairs
+    r1, r2 = params[b1].shape[-1], params[b2].shape[-1]
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    sq = (S[..., :r1] / abs(st.scale)).sqrt()
+    sign = 1.0 if st.scale > 0 else -1.0
+    out = dict(params)
+    out[b1] = (sign * U[..., :, :r1] * sq[..., None, :]).to(params[b1])
+    out[a1] = (sq[..., :, None] * Vh[..., :r1, :]).to(params[a1])
+    Bn, m, n = M.shape
+    g = torch.Generator().manual_seed(int(seed))
+    B2 = torch.randn(m, r2, generator=g, dtype=torch.float64) * eps
+    A2 = torch.randn(r2, n, generator=g, dtype=torch.float64) * eps
+    B2[:, 0], A2[0, :] = 1.0, 1.0
+    out[b2] = B2.expand(Bn, m, r2).to(params[b2]).clone()
+    out[a2] = A2.expand(Bn, r2, n).to(params[a2]).clone()
+    return out
+
+
+def _rank1_split(Z: Tensor, r1: int, r2: int) -> tuple[Tensor, Tensor]:
+    """Rows of Z (..., k, r1 r2) reshaped to r1×r2 and cut to their best rank-1
+    u√σ ⊗ v√σ: returns (..., k, r1) and (..., k, r2)."""
+    u, sv, vh = torch.linalg.svd(Z.reshape(*Z.shape[:-1], r1, r2), full_matrices=False)
+    sq = sv[..., :1].sqrt()  # (..., k, 1)
+    return u[..., :, 0] * sq, vh[..., 0, :] * sq
+
+
+def spectral_init(method, M: Tensor, params: Params, st: Structure, seed: int,
+                  iters: int = 300, warm: int = 100) -> Params:
+    """The "spectral" start of a Hadamard pair s·(B1 A1) ⊙ (B2 A2), for r1 r2 <= min(m, n).
+
+    By the Khatri-Rao identity ΔW = L Rᵀ with L = B1 ⊙_r B2 (m, K), R = A1ᵀ ⊙_r A2ᵀ
+    (n, K), K = r1 r2: the rows of L are Kronecker products b1_i ⊗ b2_i (rank one once
+    reshaped r1×r2) and span the top-K left singular space U_K of the target. We look
+    for L = U_K X with rank-one rows by alternating projections (X random from
+    ``seed``; project each row of U_K X on the rank-one r1×r2 matrices, then back on
+    the span of U_K: X = U_Kᵀ P), read B1, B2 off the rank-one rows, solve
+    M ≈ L Rᵀ for R by least squares and cut each row of R to rank one for A1, A2.
+    On an exact Hadamard target this lands (for most seeds) on the exact factors,
+    where plain ALS from random starts mostly stalls in local minima; ALS polishes.
+    """
+    (b1, a1), (b2, a2) = st.terms[0].pairs
+    r1, r2 = params[b1].shape[-1], params[b2].shape[-1]
+    Bn, m, n = M.shape
+    K = r1 * r2
+    if K > min(m, n):
+        raise ValueError(f"{method.name}: the spectral init needs r1·r2 <= min(m, n) "
+                         f"({r1}·{r2} > {min(m, n)})")
+    Md = M.double()
+    U = torch.linalg.svd(Md, full_matrices=False)[0][..., :K]  # (b, m, K)
+    g = torch.Generator().manual_seed(int(seed))
+    X = torch.randn(K, K, generator=g, dtype=torch.float64).to(U.device).expand(Bn, K, K)
+    for it in range(iters):
+        P = U @ X  # (b, m, K)
+        u1, u2 = _rank1_split(P, r1, r2)
+        P = (u1[..., :, None] * u2[..., None, :]).reshape(Bn, m, K)
+        X = U.mT @ P
+        if it < warm:  # keep X away from the rank-one collapse: its orthogonal polar factor
+            uu, _, vv = torch.linalg.svd(X)
+            X = uu @ vv
+        X = X * (K ** 0.5 / torch.linalg.matrix_norm(X).clamp_min(1e-300))[..., None, None]
+    L = U @ X  # (b, m, K), rows ≈ b1_i ⊗ b2_i
+    B1, B2 = _rank1_split(L, r1, r2)
+    L = (B1[..., :, None] * B2[..., None, :]).reshape(Bn, m, K)
+    Rt = torch.linalg.lstsq(L, Md).solution  # (b, K, n):  M ≈ L Rᵀ
+    A1t, A2t = _rank1_split(Rt.mT, r1, r2)  # (b, n, r1), (b, n, r2)
+    s = st.scale
+    out = dict(params)
+    out[b1] = (B1 / s).to(params[b1])
+    out[a1] = A1t.mT.to(params[a1])
+    out[b2] = B2.to(params[b2])
+    out[a2] = A2t.mT.to(params[a2])
+    return out
+
+
+def svd_init(method, M: Tensor, params: Params, st: Structure) -> Params:
+    """LoRA at its optimum: B A = truncated SVD of M / s."""
+    (b, a), = st.terms[0].pairs
+    r = params[b].shape[-1]
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    sq = (S[..., :r] / abs(st.scale)).sqrt()
+    sign = 1.0 if st.scale > 0 else -1.0
+    out = dict(params)
+    out[b] = (sign * U[..., :, :r] * sq[..., None, :]).to(params[b])
+    out[a] = (sq[..., :, None] * Vh[..., :r, :]).to(params[a])
+    return out
+
+
+def extra_inits(method_name: str) -> tuple[str, ...]:
+    """Reconstruction inits offered on top of the method's own."""
+    if method_name in HADAMARD_PAIR:
+        return ("lora-warm", "spectral")
+    if method_name == "lora":
+        return ("svd",)
+    return ()
+
+
+def initial_params(method, M: Tensor, w0: Tensor, config, seed: int, scheme: str) -> Params:
+    """Batched starting factors (b, ...) for ``scheme``: one of ``method.inits``
+    or a reconstruction init (``lora-warm``, ``spectral`` for ABBA/LoHa, ``svd`` for LoRA)."""
+    if scheme in method.inits:
+        return stack_init(method, w0, config, seed, scheme)
+    if scheme not in extra_inits(method.name):
+        known = ", ".join((*method.inits, *extra_inits(method.name)))
+        raise ValueError(f"{method.name}: unknown init {scheme!r}; known: {known}")
+    base = stack_init(method, w0, config, seed, method.inits[0])
+    st = structure(method, base, w0, config)
+    if st is None:
+        raise ValueError(f"{method.name}: init {scheme!r} needs the method's product form")
+    if scheme == "lora-warm":
+        return lora_warm(method, M, base, st, seed)
+    if scheme == "spectral":
+        return spectral_init(method, M, base, st, seed)
+    return svd_init(method, M, base, st)
