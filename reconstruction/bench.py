@@ -1,0 +1,420 @@
+"""``python -m reconstruction.bench``: speed ratios of the reconstruction engine,
+all measured in one run on one device (``--quick`` shrinks every size).
+
+(a) batching: one batched fit of 64 targets (256×256, ABBA at the budget of
+    rank-16 LoRA) against a Python loop of 64 single fits with the same solver and
+    step count (goal >= 5×).
+(b) efficiency: GFLOP/s of one solver step (ALS and Adam) at 1024×1024 against
+    torch's own square matmul GFLOP/s. FLOPs are counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matmul-type ops only: the small
+    solves and element-wise ops are not counted, so this is a lower bound);
+    the per-step time is the difference of two fits with different step counts
+    (init and set-up cancel). Goal >= 50%.
+(c) solvers: ALS against Adam, wall time to reach 1.01× the best error either of
+    them found (time to step k read as k/steps of the fit's time). Goal ALS >= 10×.
+(d) memory: ABBA's Khatri-Rao forward x (W0 + ΔW)ᵀ (``theory.get_method("abba").forward``,
+    Singhal et al. 2025 §3: (B1A1)⊙(B2A2) = (B1⊙_r B2)(A1ᵀ⊙_r A2ᵀ)ᵀ) against forming
+    ΔW, at 4096×4096 for token counts 1..4096: peak bytes allocated by the forward
+    (on CPU: a TorchDispatchMode that tracks the live tensors every op returns;
+    on CUDA: ``torch.cuda.max_memory_allocated``) and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import theory
+from reconstruction import fit as F
+
+from . import io as rio
+from .run import DTYPES, CliParser, check_device
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], device: str, repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` calls (after one warm-up call)."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created inside the mode that are alive at once.
+
+    Every op's output storage is counted when it first appears and released when
+    the last tensor on it is freed (weakref finalizers), so views are not counted
+    twice. Tensors created before the mode (inputs, parameters) are not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.total = 0
+        self._refs: dict[int, list[int]] = {}  # storage ptr -> [n tensors, bytes]
+
+    def _release(self, ptr: int) -> None:
+        ent = self._refs.get(ptr)
+        if ent is None:
+            return
+        ent[0] -= 1
+        if ent[0] <= 0:
+            self.live -= ent[1]
+            del self._refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr == 0:
+                    continue
+                ent = self._refs.get(ptr)
+                if ent is None and ptr in inputs:  # a view of a tensor made outside the mode
+                    continue
+                if ent is None:
+                    nb = st.nbytes()
+                    self._refs[ptr] = [1, nb]
+                    self.live += nb
+                    self.total += nb
+                    self.peak = max(self.peak, self.live)
+                else:
+                    ent[0] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak extra bytes allocated while ``fn`` runs (its result included)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    with LiveBytes() as mode:
+        out = fn()
+        del out
+    return int(mode.peak)
+
+
+def _fit(method, M, cfg, *, solver, steps, w0, seed=0):
+    return F.fit(method, M, cfg, w0=w0, solver=solver, steps=steps, seed=seed, tol=0.0)
+
+
+def _solver_for_abba(prefer: str) -> str:
+    have = F.solvers_for("abba")
+    if prefer in have:
+        return prefer
+    return next(s for s in ("als", "adam") if s in have)
+
+
+# --------------------------------------------------------------------------- #
+# the four benchmarks
+# --------------------------------------------------------------------------- #
+def bench_batching(size: int, batch: int, rank: int, solver: str, steps: int, device: str,
+                   dtype) -> dict:
+    """(a) one batched fit of ``batch`` targets vs a loop of single fits."""
+    from . import targets as T
+
+    tgt = T.make_target("random", (size, size), batch, 0, dtype, device)
+    w0 = T.base_weight(tgt, "gaussian", 0)
+    abba = theory.get_method("abba")
+    cfg = abba.config_for_rank(size, size, rank)
+    solver = _solver_for_abba(solver)
+    _fit("abba", tgt.M[:2], cfg, solver=solver, steps=2, w0=w0[:2])  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    res = _fit("abba", tgt.M, cfg, solver=solver, steps=steps, w0=w0)
+    _sync(device)
+    t_batched = time.perf_counter() - t
+    t = time.perf_counter()
+    errs = []
+    for b in range(batch):
+        r = _fit("abba", tgt.M[b:b + 1], cfg, solver=solver, steps=steps, w0=w0[b:b + 1])
+        errs.append(float(r.rel_error[0]))
+    _sync(device)
+    t_loop = time.perf_counter() - t
+    same = max(abs(a - float(b)) for a, b in zip(errs, res.rel_error))
+    return {"bench": "batching", "size": size, "batch": batch, "config": str(cfg),
+            "solver": res.solver, "steps": steps, "batched_s": t_batched, "loop_s": t_loop,
+            "ratio": t_loop / t_batched, "goal": 5.0, "max_error_gap": same}
+
+
+def matmul_gflops(size: int, device: str, dtype) -> float:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    inner = max(1, int(2e9 // (2 * size**3)))  # about 2 GFLOP per timing: stable on a busy CPU
+
+    def many():
+        for _ in range(inner):
+            a @ b
+
+    t = timeit(many, device, repeat=7) / inner
+    return 2 * size**3 / t / 1e9
+
+
+def bench_step_gflops(size: int, rank: int, solvers: dict[str, tuple[int, int]], device: str,
+                      dtype) -> dict:
+    """(b) GFLOP/s of one solver step vs torch's matmul, for each solver.
+
+    ``solvers``: {solver: (k1, k2)} step counts of the two fits whose difference
+    gives the cost of k2 − k1 steps (the steps each fit really ran are used)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from . import targets as T
+
+    tgt = T.make_target("random", (size, size), 1, 0, dtype, device)
+    w0 = T.base_weight(tgt, "gaussian", 0)
+    cfg = theory.get_method("abba").config_for_rank(size, size, rank)
+    mm = matmul_gflops(size, device, dtype)
+    rows = []
+    for solver, (k1, k2) in solvers.items():
+        solver = _solver_for_abba(solver)
+
+        def run(k, solver=solver):
+            return _fit("abba", tgt.M, cfg, solver=solver, steps=k, w0=w0)
+
+        def flops(k):
+            with FlopCounterMode(display=False) as fc:
+                r = run(k)
+            return fc.get_total_flops(), r.steps
+
+        (f1, s1), (f2, s2) = flops(k1), flops(k2)
+        if s2 <= s1:
+            rows.append({"solver": solver, "note": f"the fit stopped early ({s1}, {s2} steps)"})
+            continue
+        f_step = (f2 - f1) / (s2 - s1)
+        t1 = timeit(lambda k=k1: run(k), device, 2)
+        t2 = timeit(lambda k=k2: run(k), device, 2)
+        t_step = (t2 - t1) / (s2 - s1)
+        if t_step <= 0:
+            rows.append({"solver": solver, "note": "timing noise larger than the steps' cost"})
+            continue
+        rows.append({"solver": solver, "flop_per_step": f_step, "seconds_per_step": t_step,
+                     "step_gflops": f_step / t_step / 1e9, "ratio": f_step / t_step / 1e9 / mm})
+    ok = [r["ratio"] for r in rows if "ratio" in r]
+    return {"bench": "step_gflops", "size": size, "config": str(cfg), "matmul_gflops": mm,
+            "rows": rows, "ratio": max(ok) if ok else None, "goal": 0.5}
+
+
+def _time_to(history: list[float], seconds: float, level: float) -> float | None:
+    for i, e in enumerate(history):
+        if e <= level:
+            return seconds * i / max(len(history) - 1, 1)  # history[0] = the start
+    return None
+
+
+def bench_als_vs_adam(size: int, rank: int, als_steps: int, adam_steps: int, device: str,
+                      dtype) -> dict:
+    """(c) time for ALS and Adam to reach 1.01× the best error either finds."""
+    from . import targets as T
+
+    if "als" not in F.solvers_for("abba") or "adam" not in F.solvers_for("abba"):
+        return {"bench": "als_vs_adam", "skipped": "abba lacks als or adam"}
+    tgt = T.make_target("random", (size, size), 1, 0, dtype, device)
+    w0 = T.base_weight(tgt, "gaussian", 0)
+    cfg = theory.get_method("abba").config_for_rank(size, size, rank)
+    res = {s: _fit("abba", tgt.M, cfg, solver=s, steps=k, w0=w0)
+           for s, k in (("als", als_steps), ("adam", adam_steps))}
+    best = min(min(r.history) if r.history else float(r.rel_error.mean())
+               for r in res.values())
+    level = 1.01 * best
+    t = {s: _time_to(r.history, r.seconds, level) for s, r in res.items()}
+    out = {"bench": "als_vs_adam", "size": size, "config": str(cfg), "best_error": best,
+           "level": level, "goal": 10.0}
+    for s, r in res.items():
+        out[f"{s}_steps"] = r.steps
+        out[f"{s}_seconds"] = r.seconds
+        out[f"{s}_final"] = float(r.rel_error.mean())
+        out[f"{s}_time_to_level"] = t[s]
+    if t["als"] is None:
+        out["ratio"] = None
+        out["note"] = "ALS did not reach the level"
+    elif t["adam"] is None:
+        out["ratio"] = res["adam"].seconds / t["als"]
+        out["note"] = f"Adam did not reach the level in {res['adam'].steps} steps: ratio is a lower bound"
+    else:
+        out["ratio"] = t["adam"] / t["als"]
+    return out
+
+
+def bench_forward(size: int, tokens: list[int], rank: int, device: str, dtype,
+                  repeat: int = 3) -> dict:
+    """(d) ABBA Khatri-Rao forward vs forming ΔW: peak memory and time per token count."""
+    abba = theory.get_method("abba")
+    cfg = abba.config_for_rank(size, size, rank)
+    g = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(size, size, generator=g) / size**0.5).to(device=device, dtype=dtype)
+    params = abba.init(w0, cfg, 0, scheme="gaussian")
+    rows = []
+    with torch.no_grad():
+        for t in tokens:
+            x = torch.randn(t, size, generator=g).to(device=device, dtype=dtype)
+
+            def kr(x=x):
+                return abba.forward(x, params, w0, cfg)
+
+            def dense(x=x):
+                return x @ (w0 + abba.delta(params, w0, cfg)).mT
+
+            err = float((kr() - dense()).abs().max() / dense().abs().max().clamp_min(1e-30))
+            rows.append({
+                "tokens": t,
+                "kr_bytes": peak_bytes(kr, device), "dense_bytes": peak_bytes(dense, device),
+                "kr_s": timeit(kr, device, repeat), "dense_s": timeit(dense, device, repeat),
+                "max_rel_diff": err,
+            })
+    return {"bench": "forward", "size": size, "config": str(cfg), "rows": rows}
+
+
+# --------------------------------------------------------------------------- #
+# CLI
+# --------------------------------------------------------------------------- #
+SIZES = {
+    # (a) size, batch, steps; (b) size, {solver: step counts}; (c) size, ALS, Adam steps;
+    # (d) size, token counts
+    "full": dict(a=(256, 64, {"als": 20, "adam": 200}),
+                 b=(1024, {"als": (2, 5), "adam": (20, 220)}),
+                 c=(256, 60, 3000),
+                 d=(4096, [1, 8, 64, 512, 4096])),
+    "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
+                  b=(192, {"als": (2, 5), "adam": (10, 110)}),
+                  c=(64, 30, 1500),
+                  d=(512, [1, 64, 512])),
+}
+
+
+def _mb(b: int) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def report(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        if r.get("skipped"):
+            lines.append(f"({r['bench']}) skipped: {r['skipped']}")
+            continue
+        if r["bench"] == "batching":
+            lines.append(
+                f"(a) batched fit of {r['batch']} targets {r['size']}×{r['size']} (abba {r['config']}, "
+                f"{r['solver']}, {r['steps']} steps): batched {r['batched_s']:.2f}s, loop "
+                f"{r['loop_s']:.2f}s -> ratio {r['ratio']:.1f}× (goal >= {r['goal']:g}×; "
+                f"max error gap {r['max_error_gap']:.1e})")
+        elif r["bench"] == "step_gflops":
+            for x in r["rows"]:
+                if "note" in x:
+                    lines.append(f"(b) one {x['solver']} step at {r['size']}×{r['size']}: {x['note']}")
+                    continue
+                lines.append(
+                    f"(b) one {x['solver']} step at {r['size']}×{r['size']} (abba {r['config']}): "
+                    f"{x['flop_per_step'] / 1e9:.3f} GFLOP (matmul-type, counted) in "
+                    f"{x['seconds_per_step'] * 1e3:.1f} ms = {x['step_gflops']:.1f} GFLOP/s; torch "
+                    f"matmul {r['matmul_gflops']:.1f} GFLOP/s -> ratio {100 * x['ratio']:.1f}% "
+                    f"(goal >= {100 * r['goal']:.0f}%)")
+        elif r["bench"] == "als_vs_adam":
+            ta = r["als_time_to_level"]
+            td = r["adam_time_to_level"]
+            ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.1f}×"
+            lines.append(
+                f"(c) time to 1.01× best error ({r['best_error']:.4f}) at {r['size']}×{r['size']} "
+                f"(abba {r['config']}): ALS {'never' if ta is None else f'{ta:.2f}s'} "
+                f"({r['als_steps']} steps, final {r['als_final']:.4f}), Adam "
+                f"{'never' if td is None else f'{td:.2f}s'} ({r['adam_steps']} steps, final "
+                f"{r['adam_final']:.4f}) -> ALS faster by {ratio} (goal >= {r['goal']:g}×)"
+                + (f"; {r['note']}" if r.get("note") else ""))
+        elif r["bench"] == "forward":
+            lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
+                         "Khatri-Rao vs forming ΔW")
+            head = f"    {'tokens':>6}  {'KR peak':>12}  {'dense peak':>12}  {'mem ratio':>9}  " \
+                   f"{'KR time':>9}  {'dense time':>10}  {'speedup':>7}"
+            lines.append(head)
+            for row in r["rows"]:
+                lines.append(
+                    f"    {row['tokens']:>6}  {_mb(row['kr_bytes']):>12}  {_mb(row['dense_bytes']):>12}  "
+                    f"{row['dense_bytes'] / max(row['kr_bytes'], 1):>8.1f}×  "
+                    f"{row['kr_s'] * 1e3:>7.2f}ms  {row['dense_s'] * 1e3:>8.2f}ms  "
+                    f"{row['dense_s'] / row['kr_s']:>6.1f}×")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = CliParser(prog="python -m reconstruction.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    ap.add_argument("--only", default="abcd", help="which benchmarks, e.g. 'ad' (default abcd)")
+    ap.add_argument("--solver", choices=("als", "adam", "both"), default="both",
+                    help="solver(s) for (a) (default both)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA-rank budget (default 16)")
+    ap.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
+    args = ap.parse_args(argv)
+    try:
+        device = check_device(args.device)
+        dtype = DTYPES[args.dtype]
+        bad = set(args.only) - set("abcd")
+        if bad or not args.only:
+            raise ValueError(f"--only takes letters from 'abcd', got {args.only!r}")
+        S = SIZES["quick" if args.quick else "full"]
+        print(f"reconstruction bench ({'quick' if args.quick else 'full'}) on {device}, "
+              f"{args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+              flush=True)
+        results = []
+        solvers_a = S["a"][2] if args.solver == "both" else {args.solver: S["a"][2][args.solver]}
+        todo = {
+            "a": lambda: [bench_batching(*S["a"][:2], args.rank, s, k, device, dtype)
+                          for s, k in solvers_a.items()],
+            "b": lambda: bench_step_gflops(S["b"][0], args.rank, S["b"][1], device, dtype),
+            "c": lambda: bench_als_vs_adam(S["c"][0], args.rank, S["c"][1], S["c"][2], device, dtype),
+            "d": lambda: bench_forward(S["d"][0], S["d"][1], args.rank, device, dtype),
+        }
+        for k in "abcd":
+            if k in args.only:
+                got = todo[k]()
+                got = got if isinstance(got, list) else [got]
+                results += got
+                print(report(got), flush=True)
+        if args.json:
+            rio.write_json(args.json, {"device": device, "dtype": args.dtype,
+                                       "quick": args.quick, "results": results})
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
