@@ -41,7 +41,7 @@ from . import io as rio
 DEFAULT_METHOD = "abba"
 DEFAULT_RANK = 16
 DEFAULT_TARGET = "random"
-DEFAULT_SIZE = 128
+DEFAULT_SIZE = 256
 DEFAULT_BATCH = 2
 #: iterations when --steps is not given: fewer than ``fit``'s own defaults (ALS 200
 #: sweeps, Adam 2000 steps) so that ``--method all`` stays quick; sweeps use fit's
