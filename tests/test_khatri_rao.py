@@ -17,13 +17,6 @@ import theory
 from theory.khatri_rao import face_split, hadamard_lowrank_factors, hadamard_lowrank_matmul
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def randn(*shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))

@@ -17,14 +17,6 @@ from reconstruction.targets import make_target
 M_, N_ = 32, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # many tiny ops: one thread is much faster than two on a busy 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def cfg(name, **kw):
     return theory.get_method(name).config(**kw)

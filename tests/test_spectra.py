@@ -10,13 +10,6 @@ import torch
 from theory import spectra
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def orthogonal(k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -18,13 +18,6 @@ from reconstruction.targets import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_has_requested_shape_batch_and_is_finite(kind):

@@ -18,13 +18,6 @@ METHODS = theory.available()
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def w0(m=12, n=10, seed=0):
     return torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))

@@ -28,15 +28,6 @@ RTOL = 1e-10
 dims = st.integers(1, 96)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 SVDs: one thread is fastest, and far faster on a busy machine
-    (OpenMP threads spin against each other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def rank_of(x: torch.Tensor) -> int:
     return int(numerical_rank(x, rtol=RTOL))
