@@ -246,7 +246,7 @@ def test_hadamard_at_equal_budget_beats_lora_on_orthogonal_target():
 @pytest.mark.slow
 def test_paper_fig2_equal_budget_values_at_512():
     # ABBA r1 = r2 = 36 (budget of LoRA r = 72) on the four paper targets, ALS from lora-warm;
-    # the numbers of the report (1000x1000) come from `python -m reconstruction.solvers.fig2`
+    # the numbers of the report (1000x1000) come from `python -m reconstruction.solver_study`
     from reconstruction.targets import PAPER_KINDS
 
     M = torch.cat([make_target(k, (512, 512), seed=0).M for k in PAPER_KINDS])

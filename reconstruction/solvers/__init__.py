@@ -4,9 +4,9 @@
 - ``als``: alternating least squares for updates linear in each factor;
 - ``adam``: gradient descent on the relative error, every method;
 - ``common``: batched inits (``lora-warm``, ``spectral``), the product form the
-  ALS reads, homogeneity probes and the optimal rescaling;
-- ``fig2``: the comparison with the ABBA paper's Fig. 2
-  (``python -m reconstruction.solvers.fig2 --help``; slow, not a test).
+  ALS reads, homogeneity probes and the optimal rescaling.
+
+The solvers' study against the ABBA paper's Fig. 2 is ``python -m reconstruction.solver_study``.
 """
 
 from .adam import run_adam
