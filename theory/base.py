@@ -34,7 +34,7 @@ class Config:
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is None or (f.name == "alpha" and v is None):
+            if v is None:
                 continue
             parts.append(f"{f.name}={v}")
         return ",".join(parts) if parts else "-"
