@@ -9,8 +9,11 @@ Solvers (every one batched over the targets, on any device, float32 or float64):
 
 - ``svd``: closed form, LoRA (truncated SVD, Eckart-Young) and full (ΔW = M);
 - ``als``: alternating least squares for methods linear in each factor (LoRA,
-  HiRA, ABBA, LoHa, SMoA; ``solvers.als``); exact row-wise solves, monotone;
-- ``adam``: every method (``solvers.adam``);
+  HiRA, ABBA, LoHa, SMoA; ``solvers.als``); exact row-wise solves, monotone. ABBA
+  and LoHa at small r1·r2 use the Khatri-Rao ALS (``solvers.als_kr``): two GEMMs
+  over the targets per sweep, nothing m×n formed;
+- ``adam``: every method (``solvers.adam``); for ABBA/LoHa at small r1·r2 the
+  loss is the Khatri-Rao expansion of the error (same values, no m×n tensor);
 - ``auto``: svd for LoRA/full, ALS where available, Adam otherwise. For the
   Hadamard pairs ABBA and LoHa, ALS runs from at least 3 starts and keeps the best
   per target: ``lora-warm``, then ``spectral`` (seeds seed, seed + 1, ...) when
@@ -24,6 +27,8 @@ Reconstruction inits, besides each method's own (``solvers.common``):
   L = B1 ⊙_r B2, searched in the top-(r1 r2) singular subspace by alternating
   projections onto rank-one rows: recovers exact Hadamard targets where random
   starts stall;
+- ``lora-warm`` (DoRA, α-LoRA, Adam's first start): their factors set so that ΔW
+  is exactly the rank-r LoRA optimum, so Adam can only improve on LoRA(r);
 - ``svd`` (LoRA): the optimum itself.
 
 Targets are fitted at unit RMS (M / rms(M)) when ΔW is linear in some factor
@@ -54,6 +59,7 @@ import theory
 from theory.base import Config
 
 from .solvers import als as _als
+from .solvers import als_kr as _kr
 from .solvers.adam import run_adam
 from .solvers.common import (
     ALS_FAMILIES,
@@ -72,7 +78,7 @@ SOLVERS = ("auto", "svd", "als", "adam")
 ADAM_STEPS = 2000
 ALS_SWEEPS = 200
 ADAM_LR = 1e-2
-#: at most this many entries (m n) per matrix: fitted with one CPU thread
+#: at most this many entries (B m n, the whole batch): fitted with one CPU thread
 SMALL = 256 * 256
 
 
@@ -136,9 +142,14 @@ def inits_for(method_name: str) -> list[str]:
 
 def _default_inits(method, solver: str, restarts: int, init: str | None,
                    spectral_ok: bool = False) -> list[tuple[str, int]]:
-    """(scheme, seed offset) per restart."""
+    """(scheme, seed offset) per restart. Adam on a method that contains rank-r LoRA
+    (DoRA, α-LoRA: ``solvers.common.LORA_CONTAINING``) starts the first restart at
+    ``lora-warm`` (the rank-r LoRA optimum written in its factors), the others at its
+    own first init; ``init=`` still picks any scheme (e.g. "paper")."""
     if init is not None:
         return [(init, i) for i in range(restarts)]
+    if solver == "adam" and method.name not in HADAMARD_PAIR and "lora-warm" in extra_inits(method.name):
+        return [("lora-warm", 0)] + [(method.inits[0], i) for i in range(1, restarts)]
     if solver == "als":
         if method.name in HADAMARD_PAIR:
             if spectral_ok:  # lora-warm, then spectral from seeds seed, seed + 1, ...
@@ -181,9 +192,10 @@ def _prepare(M: Tensor, dtype, device) -> Tensor:
 
 @contextlib.contextmanager
 def _threads_for(M: Tensor):
-    """One intra-op thread for small CPU problems: their many tiny ops gain nothing from
-    threads, and on a busy machine spinning threads slow them down by 10-100x."""
-    small = M.device.type == "cpu" and M.ndim >= 2 and M.shape[-2] * M.shape[-1] <= SMALL
+    """One intra-op thread for small CPU problems (all targets together at most SMALL
+    entries): their many tiny ops gain nothing from threads, and on a busy machine
+    spinning threads slow them down by 10-100x. A batch of small targets is not small."""
+    small = M.device.type == "cpu" and M.ndim >= 2 and M.numel() <= SMALL
     old = torch.get_num_threads()
     if small and old > 1:
         torch.set_num_threads(1)
@@ -300,7 +312,8 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
             p, hist, k, div = run_adam(meth, Mt, w0, config, p0,
                                        steps=ADAM_STEPS if steps is None else int(steps),
                                        lr=ADAM_LR if lr is None else float(lr), schedule=schedule,
-                                       tol=tol, window=window, progress=progress)
+                                       tol=tol, window=window, progress=progress,
+                                       error_fn=_adam_error_fn(meth, Mt, w0, config, p0))
         with torch.no_grad():
             e = relative_error(Mt.double(), meth.delta(p, w0, config).double())  # (B,)
             e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
@@ -342,14 +355,27 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         history_per_target=best_hist, winners=winners)
 
 
+def _adam_error_fn(meth, M: Tensor, w0: Tensor, config, p0):
+    """The Khatri-Rao error for Adam on ABBA/LoHa where the Khatri-Rao ALS would be
+    chosen (small r1 r2), else None (Adam forms ΔW)."""
+    if meth.name not in HADAMARD_PAIR:
+        return None
+    st = structure(meth, p0, w0, config)
+    if st is None or not _kr.applies(st, p0, M.shape[-2], M.shape[-1]):
+        return None
+    return _kr.error_fn(M, st)
+
+
 def _pad(X: Tensor, L: int) -> Tensor:
     """Repeat the last row of X (k, B) up to L rows."""
     return torch.cat([X, X[-1:].expand(L - X.shape[0], -1)]) if X.shape[0] < L else X
 
 
 def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
-             window: int | None, progress: bool, extrapolate: bool = True):
-    """ALS sweeps until ``steps`` or every target stalls. Returns (params, hist, sweeps)."""
+             window: int | None, progress: bool, extrapolate: bool = True, kr: bool = True):
+    """ALS sweeps until ``steps`` or every target stalls. Returns (params, hist, sweeps).
+    ABBA/LoHa at small r1 r2 go to the Khatri-Rao ALS (``solvers/als_kr.py``; ``kr``
+    False forces the generic one)."""
     from tqdm.auto import tqdm
 
     st = structure(meth, p0, w0, config)
@@ -357,6 +383,9 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
         raise ValueError(f"{meth.name}: ALS needs the product form s·Σ F ⊙ Π(B A), "
                          f"which this method's delta does not match")
     p = _als.unstick(st, {k: v.detach() for k, v in p0.items()})
+    if kr and _kr.applies(st, p, M.shape[-2], M.shape[-1]):
+        return _kr.run(M, st, p, steps=steps, tol=tol, window=window or 5, progress=progress,
+                       extrapolate=extrapolate, label=f"als {meth.name}")
     order = _als.sweep_order(st, p)
     Bn = M.shape[0]
     active = torch.ones(Bn, dtype=torch.bool, device=M.device)

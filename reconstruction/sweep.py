@@ -113,7 +113,8 @@ def plan(grid: Grid) -> tuple[list[tuple[Cell, Any]], list[str]]:
                         except ValueError as e:
                             notes.append(f"{name} r={r}: {e}")
                             continue
-                        if conv == "equal" and not within:
+                        if not within and (conv == "equal" or "r1" not in cfg.asdict()):
+                            # over budget is the point of "published" only for r1/r2 methods
                             notes.append(f"{name} r={r}: no configuration within the budget")
                             continue
                         if str(cfg) in seen:  # e.g. "published" = "equal" for non-ABBA methods

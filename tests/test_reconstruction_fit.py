@@ -117,17 +117,20 @@ def test_als_monotone_in_float32_too():
 @pytest.mark.parametrize("name,kw,need", [
     ("lora", {"r": 3}, 5), ("hira", {"r": 3}, 5), ("smoa", {"K": 2, "r": 2}, 5),
     ("loha", {"r": 2}, 4), ("abba", {"r1": 2, "r2": 2}, 4),
-    # r1 != r2 is harder: ALS stalls in local minima more often (see the report)
-    ("abba", {"r1": 2, "r2": 3}, 3),
+    # r1 != r2 is harder: from the default 3 starts, 5 of 10 seeds; from 8 starts
+    # (lora-warm + 7 spectral), 9 of 10
+    ("abba", {"r1": 2, "r2": 3, "restarts": 8}, 4),
 ])
 def test_target_built_by_a_method_is_recovered_by_that_method(name, kw, need):
     if name not in theory.available():
         pytest.skip(f"{name} not registered")
+    kw = dict(kw)
+    restarts = kw.pop("restarts", 1)
     c = cfg(name, **kw)
     errs = []
     for seed in range(5):
         M, w0 = exact_target(name, c, seed)
-        res = fit(name, M.float(), c, w0=w0.float(), solver="auto", steps=100)
+        res = fit(name, M.float(), c, w0=w0.float(), solver="auto", steps=100, restarts=restarts)
         errs.append(float(res.rel_error[0]))
     assert sum(e < 1e-4 for e in errs) >= need, errs
 

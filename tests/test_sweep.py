@@ -174,3 +174,11 @@ def test_published_numbers_are_the_papers_endpoints():
     assert published.ABBA_FIG2["random"] == {8: 0.234, 72: 0.12}
     assert set(published.ABBA_FIG2) == set(published.FIG2_TARGETS)
     assert published.lora_orthogonal(72) == pytest.approx(0.928)
+
+
+def test_published_convention_adds_over_budget_cells_only_for_abba_style_r1_r2_methods():
+    cells, notes = S.plan(small_grid(methods=["full", "lora", "abba"], ranks=[4],
+                                     targets=["random"], conventions=["equal", "published"]))
+    got = {(c.method, c.convention) for c, _cfg in cells}
+    assert got == {("lora", "equal"), ("abba", "equal"), ("abba", "published")}
+    assert any("full" in x and "budget" in x for x in notes)

@@ -38,8 +38,10 @@ def lr_at(t: int, steps: int, lr: float, schedule: str) -> float:
 
 def run_adam(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, steps: int,
              lr: float, schedule: str = "cosine", tol: float = 1e-7, window: int | None = None,
-             progress: bool = False) -> tuple[Params, list[Tensor], int, Tensor]:
-    """Returns (best params, per-step errors [(b,)...], steps run, diverged (b,))."""
+             progress: bool = False, error_fn=None) -> tuple[Params, list[Tensor], int, Tensor]:
+    """Returns (best params, per-step errors [(b,)...], steps run, diverged (b,)).
+    ``error_fn(params) -> (b,)``: the relative errors computed another way (e.g.
+    ``als_kr.error_fn``: no m×n intermediate); default from ``method.delta``."""
     from tqdm.auto import tqdm
 
     b = M.shape[0]
@@ -60,8 +62,11 @@ def run_adam(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, s
     bar = tqdm(total=steps, disable=not progress, desc=f"adam {method.name}", leave=False)
     t = 0
     for t in range(steps + 1):  # the last pass only evaluates
-        D = method.delta({**train, **fixed}, w0, config)  # (b, m, n)
-        err = ((M - D) ** 2).sum((-2, -1)) / norm2  # (b,)
+        if error_fn is not None:
+            err = error_fn({**train, **fixed})  # (b,)
+        else:
+            D = method.delta({**train, **fixed}, w0, config)  # (b, m, n)
+            err = ((M - D) ** 2).sum((-2, -1)) / norm2  # (b,)
         e = err.detach().double()
         bad = ~torch.isfinite(e) | (e > BLOWUP)
         newly = bad & active

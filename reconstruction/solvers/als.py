@@ -50,12 +50,23 @@ def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
         G[..., iu, ju] = g
         G[..., ju, iu] = g
         rhs = (C * T) @ A.mT  # (b, m, r)
-    Gd, rd = G.double(), rhs.double()
-    tr = torch.diagonal(Gd, dim1=-2, dim2=-1).sum(-1)  # (b, m) or (b, 1)
+    return solve_rows(G.double(), rhs.double(), B_old, s, ridge)
+
+
+def solve_rows(Gd: Tensor, rd: Tensor, B_old: Tensor, s: float, ridge: float = 1e-10,
+               overwrite: bool = False) -> Tensor:
+    """Rows x_i = argmin s² xᵀ G_i x − 2 s xᵀ rhs_i (float64 Cholesky, tiny ridge);
+    a row that would not lower its objective keeps B_old's.
+
+    Gd: (b, m or 1, r, r) float64; rd, B_old: (b, m, r). ``overwrite``: Gd may be
+    used as scratch (saves two (b, m, r, r) temporaries). Returns (b, m, r) like B_old."""
+    b, m, r = rd.shape
+    diag = torch.diagonal(Gd, dim1=-2, dim2=-1)  # (b, m or 1, r)
+    tr = diag.sum(-1)  # (b, m) or (b, 1)
     floor = 1e-13 * tr.mean(-1, keepdim=True) / r + 1e-300  # (b, 1)
     lam = ridge * tr / r + floor
-    eye = torch.eye(r, dtype=torch.float64, device=A.device)
-    Greg = Gd + lam[..., None, None] * eye
+    Greg = Gd if overwrite else Gd.clone()
+    torch.diagonal(Greg, dim1=-2, dim2=-1).add_(lam[..., None])  # G + λ I
     L, info = torch.linalg.cholesky_ex(Greg)
     if bool((info != 0).any()):
         Bn = torch.linalg.lstsq(Greg.expand(b, m, r, r), rd[..., None]).solution[..., 0]
@@ -64,8 +75,8 @@ def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
     Bn = Bn / s
 
     def obj(X: Tensor) -> Tensor:  # row objective minus const: s² xᵀGx − 2 s xᵀrhs
-        Gx = (Gd @ X[..., None])[..., 0]
-        return s * s * (X * Gx).sum(-1) - 2 * s * (X * rd).sum(-1)  # (b, m)
+        xGx = (X * (Greg @ X[..., None])[..., 0]).sum(-1) - lam * (X * X).sum(-1)
+        return s * s * xGx - 2 * s * (X * rd).sum(-1)  # (b, m)
 
     Bo = B_old.double()
     ok = torch.isfinite(Bn).all(-1) & (obj(Bn) <= obj(Bo))
@@ -82,6 +93,11 @@ def _orth_cols(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """(Q, R A) with B = Q R: same product, B with orthonormal columns."""
     Q, R = torch.linalg.qr(B)
     return Q, R @ A
+
+
+def pair_norm(B: Tensor, A: Tensor) -> Tensor:
+    """‖B A‖_F per target without forming B A: sqrt(tr(BᵀB · A Aᵀ)). (b, m, r), (b, r, n) -> (b,)"""
+    return ((B.mT @ B) * (A @ A.mT)).sum((-2, -1)).clamp_min(0).sqrt()
 
 
 def unstick(st: Structure, params: Params, seed: int = 0) -> Params:
@@ -143,7 +159,7 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
     for term in st.terms:
         if len(term.pairs) < 2:
             continue
-        norms = torch.stack([torch.linalg.matrix_norm(p[b] @ p[a]) for b, a in term.pairs])
+        norms = torch.stack([pair_norm(p[b], p[a]) for b, a in term.pairs])
         ok = active & (norms > 0).all(0) & torch.isfinite(norms).all(0)  # (b,)
         geo = norms.clamp_min(1e-300).log().mean(0).exp()  # (b,)
         for (b, a), nq in zip(term.pairs, norms):

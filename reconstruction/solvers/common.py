@@ -39,6 +39,9 @@ PAIR_NAMES = {
 ALS_FAMILIES = ("lora", "hira", "abba", "loha", "smoa")
 #: families of the form s·(B1 A1) ⊙ (B2 A2), which get the "lora-warm" init
 HADAMARD_PAIR = ("abba", "loha")
+#: methods (Adam only) that hold every rank-r LoRA update s·B A exactly at their
+#: config; they get the "lora-warm" init ``lora_contained_init``
+LORA_CONTAINING = ("dora", "alpha_lora")
 
 
 @dataclasses.dataclass
@@ -270,10 +273,48 @@ def svd_init(method, M: Tensor, params: Params, st: Structure) -> Params:
     return out
 
 
+def lora_contained_init(method, M: Tensor, w0: Tensor, params: Params, config) -> Params:
+    """The "lora-warm" start of a method that contains rank-r LoRA (DoRA, α-LoRA):
+    the rank-r LoRA optimum itself, L = U_r Σ_r V_rᵀ (truncated SVD of M (b, m, n)),
+    written in the method's factors with s = ``config.scale`` (B: (b, m, r),
+    A: (b, r, n), s B A = L):
+
+    α-LoRA   ΔW = (α − 1) ⊙_rows W0 + s B A:   α = 1                       => ΔW = L
+    DoRA     ΔW = mag ⊙ V / ‖V‖_row − W0, V = W0 + s B A:
+             magnitude = ‖V‖_row (norm of each output row, dim=-1)  => W' = V, ΔW = L
+
+    so the start has LoRA's optimal error Σ_{k>r} σ_k² / Σ σ_k² (to rounding; DoRA
+    needs no row of W0 + L to vanish) and Adam, which keeps its best iterate, can only
+    improve on rank-r LoRA. The gradient there is not zero: for DoRA, ∂e/∂mag_i ∝
+    −⟨R_i, W0_i⟩ / ‖V_i‖ and for α-LoRA ∂e/∂α_i ∝ −⟨R_i, W0_i⟩ (R = M − L, whose rows
+    are orthogonal to those of L), so the extra row parameters start moving at once.
+    """
+    if method.name not in LORA_CONTAINING:
+        raise ValueError(f"{method.name}: no lora-warm start (it does not contain LoRA)")
+    r = params["B"].shape[-1]
+    s = float(getattr(config, "scale", 1.0))
+    if s == 0.0:
+        raise ValueError(f"{method.name}: lora-warm needs a nonzero LoRA scale s")
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    sq = (S[..., :r] / abs(s)).sqrt()  # (b, r)
+    sign = 1.0 if s > 0 else -1.0
+    out = dict(params)
+    out["B"] = (sign * U[..., :, :r] * sq[..., None, :]).to(params["B"])  # (b, m, r)
+    out["A"] = (sq[..., :, None] * Vh[..., :r, :]).to(params["A"])  # (b, r, n)
+    if method.name == "alpha_lora":
+        out["alpha"] = torch.ones_like(params["alpha"])  # (b, m)
+    else:  # dora: the row norms of V, computed from the stored (rounded) factors
+        V = w0.to(out["B"]) + s * (out["B"] @ out["A"])  # (b, m, n)
+        out["magnitude"] = torch.linalg.vector_norm(V, dim=-1).to(params["magnitude"])  # (b, m)
+    return out
+
+
 def extra_inits(method_name: str) -> tuple[str, ...]:
     """Reconstruction inits offered on top of the method's own."""
     if method_name in HADAMARD_PAIR:
         return ("lora-warm", "spectral")
+    if method_name in LORA_CONTAINING:
+        return ("lora-warm",)
     if method_name == "lora":
         return ("svd",)
     return ()
@@ -281,13 +322,16 @@ def extra_inits(method_name: str) -> tuple[str, ...]:
 
 def initial_params(method, M: Tensor, w0: Tensor, config, seed: int, scheme: str) -> Params:
     """Batched starting factors (b, ...) for ``scheme``: one of ``method.inits``
-    or a reconstruction init (``lora-warm``, ``spectral`` for ABBA/LoHa, ``svd`` for LoRA)."""
+    or a reconstruction init (``lora-warm``, ``spectral`` for ABBA/LoHa, ``lora-warm``
+    for DoRA/α-LoRA, ``svd`` for LoRA)."""
     if scheme in method.inits:
         return stack_init(method, w0, config, seed, scheme)
     if scheme not in extra_inits(method.name):
         known = ", ".join((*method.inits, *extra_inits(method.name)))
         raise ValueError(f"{method.name}: unknown init {scheme!r}; known: {known}")
     base = stack_init(method, w0, config, seed, method.inits[0])
+    if method.name in LORA_CONTAINING:  # no product form needed: ΔW = L exactly
+        return lora_contained_init(method, M, w0, base, config)
     st = structure(method, base, w0, config)
     if st is None:
         raise ValueError(f"{method.name}: init {scheme!r} needs the method's product form")
