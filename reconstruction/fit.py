@@ -8,13 +8,19 @@ target M_b (m, n) find the method's factors minimizing the relative error
 Solvers (every one batched over the targets, on any device, float32 or float64):
 
 - ``svd``: closed form, LoRA (truncated SVD, Eckart-Young) and full (ΔW = M);
+  PMSS (U = U0 + C⁺ M R⁺) and MiSS in each mode (its linear least squares in the
+  shard D) (``solvers.exact``);
 - ``als``: alternating least squares for methods linear in each factor (LoRA,
   HiRA, ABBA, LoHa, SMoA; ``solvers.als``); exact row-wise solves, monotone. ABBA
   and LoHa at small r1·r2 use the Khatri-Rao ALS (``solvers.als_kr``): two GEMMs
-  over the targets per sweep, nothing m×n formed;
+  over the targets per sweep, nothing m×n formed. VeRA (bilinear in b, d) and LoKr
+  (nearest Kronecker product, Van Loan-Pitsianis, with the rank constraint of W2 /
+  W1) have their own exact ALS (``solvers.exact``), monotone, each from several
+  starts batched together (the best kept per target; LoKr starts from the rank-1
+  SVD of the rearranged target, which is its optimum when both factors are free);
 - ``adam``: every method (``solvers.adam``); for ABBA/LoHa at small r1·r2 the
   loss is the Khatri-Rao expansion of the error (same values, no m×n tensor);
-- ``auto``: svd for LoRA/full, ALS where available, Adam otherwise. For the
+- ``auto``: svd for LoRA/full/PMSS/MiSS, ALS where available, Adam otherwise. For the
   Hadamard pairs ABBA and LoHa, ALS runs from at least 3 starts and keeps the best
   per target: ``lora-warm``, then ``spectral`` (seeds seed, seed + 1, ...) when
   r1·r2 <= min(m, n), Gaussian starts otherwise.
@@ -60,6 +66,7 @@ from theory.base import Config
 
 from .solvers import als as _als
 from .solvers import als_kr as _kr
+from .solvers import exact as _exact
 from .solvers.adam import run_adam
 from .solvers.common import (
     ALS_FAMILIES,
@@ -126,9 +133,9 @@ def solvers_for(method_name: str) -> list[str]:
     """The solvers that handle a method, best first."""
     name = theory.get_method(method_name).name
     out = []
-    if name in CLOSED_FORM:
+    if name in CLOSED_FORM or name in _exact.CLOSED_FORM:
         out.append("svd")
-    if name in ALS_FAMILIES:
+    if name in ALS_FAMILIES or name in _exact.ALS:
         out.append("als")
     out.append("adam")
     return out
@@ -302,9 +309,14 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         p0 = given if scheme == "given" else initial_params(meth, Mt, w0, config, seed + off, scheme)
         div = torch.zeros(Bn, dtype=torch.bool, device=device)
         if chosen == "svd":
-            p = fit_svd(meth, Mt, w0, config, p0)
+            p = (_exact.closed_form if meth.name in _exact.CLOSED_FORM else fit_svd)(meth, Mt, w0, config, p0)
             hist = [relative_error(Mt, meth.delta(p, w0, config)).double()]
             k = 0
+        elif chosen == "als" and meth.name in _exact.ALS:
+            p, hist, k = _exact.run_als(meth, Mt, w0, config, p0,
+                                        steps=ALS_SWEEPS if steps is None else int(steps),
+                                        tol=tol, window=window, progress=progress,
+                                        warm=scheme == "given")
         elif chosen == "als":
             p, hist, k = _run_als(meth, Mt, w0, config, p0, steps=ALS_SWEEPS if steps is None else int(steps),
                                   tol=tol, window=window, progress=progress)

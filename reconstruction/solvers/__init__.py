@@ -2,6 +2,9 @@
 
 - ``svd``: closed forms (LoRA's truncated SVD, full ΔW = M);
 - ``als``: alternating least squares for updates linear in each factor;
+- ``exact``: the closed forms of PMSS and MiSS (linear least squares) and the
+  exact ALS of VeRA (bilinear) and LoKr (nearest Kronecker product), each
+  derivation in its docstring;
 - ``adam``: gradient descent on the relative error, every method;
 - ``common``: batched inits (``lora-warm``, ``spectral``), the product form the
   ALS reads, homogeneity probes and the optimal rescaling.
