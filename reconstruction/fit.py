@@ -19,7 +19,8 @@ Solvers (every one batched over the targets, on any device, float32 or float64):
   starts batched together (the best kept per target; LoKr starts from the rank-1
   SVD of the rearranged target, which is its optimum when both factors are free);
 - ``adam``: every method (``solvers.adam``); for ABBA/LoHa at small r1·r2 the
-  loss is the Khatri-Rao expansion of the error (same values, no m×n tensor);
+  loss is the Khatri-Rao expansion of the error with its gradient written out
+  (same values, no m×n tensor, no autograd);
 - ``auto``: svd for LoRA/full/PMSS/MiSS, ALS where available, Adam otherwise. For the
   Hadamard pairs ABBA and LoHa, ALS runs from at least 3 starts and keeps the best
   per target: ``lora-warm``, then ``spectral`` (seeds seed, seed + 1, ...) when
@@ -325,7 +326,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
                                        steps=ADAM_STEPS if steps is None else int(steps),
                                        lr=ADAM_LR if lr is None else float(lr), schedule=schedule,
                                        tol=tol, window=window, progress=progress,
-                                       error_fn=_adam_error_fn(meth, Mt, w0, config, p0))
+                                       value_and_grad=_adam_value_and_grad(meth, Mt, w0, config, p0))
         with torch.no_grad():
             e = relative_error(Mt.double(), meth.delta(p, w0, config).double())  # (B,)
             e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
@@ -367,15 +368,15 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         history_per_target=best_hist, winners=winners)
 
 
-def _adam_error_fn(meth, M: Tensor, w0: Tensor, config, p0):
-    """The Khatri-Rao error for Adam on ABBA/LoHa where the Khatri-Rao ALS would be
-    chosen (small r1 r2), else None (Adam forms ΔW)."""
+def _adam_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
+    """The Khatri-Rao error and its hand-written gradient, for Adam on ABBA/LoHa where
+    the Khatri-Rao ALS would be chosen (small r1 r2), else None (autograd through ΔW)."""
     if meth.name not in HADAMARD_PAIR:
         return None
     st = structure(meth, p0, w0, config)
     if st is None or not _kr.applies(st, p0, M.shape[-2], M.shape[-1]):
         return None
-    return _kr.error_fn(M, st)
+    return _kr.value_and_grad(M, st)
 
 
 def _pad(X: Tensor, L: int) -> Tensor:
