@@ -79,12 +79,14 @@ from .solvers.common import (
     scale_factors,
     structure,
 )
+from .solvers.lbfgs import run_lbfgs
 from .solvers.svd import CLOSED_FORM, fit_svd
 
-SOLVERS = ("auto", "svd", "als", "adam")
+SOLVERS = ("auto", "svd", "als", "adam", "lbfgs")
 #: default iteration counts (Adam steps, ALS sweeps)
 ADAM_STEPS = 2000
 ALS_SWEEPS = 200
+LBFGS_ITERS = 500
 ADAM_LR = 1e-2
 #: at most this many entries (B m n, the whole batch): fitted with one CPU thread
 SMALL = 256 * 256
@@ -131,14 +133,14 @@ class FitResult:
 
 
 def solvers_for(method_name: str) -> list[str]:
-    """The solvers that handle a method, best first."""
+    """The solvers that handle a method; ``auto`` picks the first."""
     name = theory.get_method(method_name).name
     out = []
     if name in CLOSED_FORM or name in _exact.CLOSED_FORM:
         out.append("svd")
     if name in ALS_FAMILIES or name in _exact.ALS:
         out.append("als")
-    out.append("adam")
+    out += ["adam", "lbfgs"]
     return out
 
 
@@ -156,6 +158,8 @@ def _default_inits(method, solver: str, restarts: int, init: str | None,
     own first init; ``init=`` still picks any scheme (e.g. "paper")."""
     if init is not None:
         return [(init, i) for i in range(restarts)]
+    if solver == "lbfgs":  # the starts of ALS for the Hadamard pairs, of Adam otherwise
+        solver = "als" if method.name in HADAMARD_PAIR else "adam"
     if solver == "adam" and method.name not in HADAMARD_PAIR and "lora-warm" in extra_inits(method.name):
         return [("lora-warm", 0)] + [(method.inits[0], i) for i in range(1, restarts)]
     if solver == "als":
@@ -321,12 +325,17 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         elif chosen == "als":
             p, hist, k = _run_als(meth, Mt, w0, config, p0, steps=ALS_SWEEPS if steps is None else int(steps),
                                   tol=tol, window=window, progress=progress)
+        elif chosen == "lbfgs":
+            p, hist, k, div = run_lbfgs(meth, Mt, w0, config, p0,
+                                        steps=LBFGS_ITERS if steps is None else int(steps),
+                                        tol=tol, window=window, progress=progress,
+                                        value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0))
         else:
             p, hist, k, div = run_adam(meth, Mt, w0, config, p0,
                                        steps=ADAM_STEPS if steps is None else int(steps),
                                        lr=ADAM_LR if lr is None else float(lr), schedule=schedule,
                                        tol=tol, window=window, progress=progress,
-                                       value_and_grad=_adam_value_and_grad(meth, Mt, w0, config, p0))
+                                       value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0))
         with torch.no_grad():
             e = relative_error(Mt.double(), meth.delta(p, w0, config).double())  # (B,)
             e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
@@ -368,8 +377,8 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         history_per_target=best_hist, winners=winners)
 
 
-def _adam_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
-    """The Khatri-Rao error and its hand-written gradient, for Adam on ABBA/LoHa where
+def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
+    """The Khatri-Rao error and its hand-written gradient, for Adam and L-BFGS on ABBA/LoHa where
     the Khatri-Rao ALS would be chosen (small r1 r2), else None (autograd through ΔW)."""
     if meth.name not in HADAMARD_PAIR:
         return None

@@ -45,7 +45,7 @@ DEFAULT_SIZE = 256
 DEFAULT_BATCH = 2
 #: iterations when --steps is not given: fewer than ``fit``'s own defaults (ALS 200
 #: sweeps, Adam 2000 steps) so that ``--method all`` stays quick; sweeps use fit's
-QUICK_STEPS = {"als": 60, "adam": 600}
+QUICK_STEPS = {"als": 60, "adam": 600, "lbfgs": 200}
 
 #: conventions for turning "rank r" into a configuration
 CONVENTIONS = ("equal", "published")
@@ -313,10 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shape", type=int, nargs=2, metavar=("M", "N"), help="target shape m×n")
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                     help="number of targets fitted at once (default %(default)s)")
-    ap.add_argument("--solver", default="auto", help="auto|svd|als|adam (default auto)")
+    ap.add_argument("--solver", default="auto", help="auto|svd|als|adam|lbfgs (default auto)")
     ap.add_argument("--steps", type=int,
-                    help=f"ALS sweeps / Adam steps (default {QUICK_STEPS['als']} / "
-                         f"{QUICK_STEPS['adam']}; fewer if every target converges)")
+                    help=f"ALS sweeps / Adam steps / L-BFGS iterations (default "
+                         f"{QUICK_STEPS['als']} / {QUICK_STEPS['adam']} / {QUICK_STEPS['lbfgs']}; "
+                         f"fewer if every target converges)")
     ap.add_argument("--init", help="initialization scheme (default: the solver's)")
     ap.add_argument("--restarts", type=int, default=1, help="random restarts, keep the best")
     ap.add_argument("--seed", type=int, default=0)

@@ -135,7 +135,7 @@ def test_applies_chooses_khatri_rao_only_while_r1_r2_is_small():
 
 @pytest.mark.parametrize("method,r1,r2", [("abba", 2, 3), ("abba", 3, 1), ("loha", 2, 2)])
 def test_hand_written_khatri_rao_gradient_equals_autograd_of_the_dense_error(method, r1, r2):
-    meth, cfg, M, _w0, p, st = _setup(m=23, n=17, r1=r1, r2=r2, batch=3, method=method)
+    _meth, _cfg, M, _w0, p, st = _setup(m=23, n=17, r1=r1, r2=r2, batch=3, method=method)
     e, g = als_kr.value_and_grad(M, st)(p)
     leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
     dense = _explicit(M, st, leaves)  # (b,) through ΔW = s (B1 A1) ⊙ (B2 A2)
@@ -149,11 +149,11 @@ def test_hand_written_khatri_rao_gradient_equals_autograd_of_the_dense_error(met
 def test_adam_on_the_khatri_rao_error_follows_the_same_trajectory_as_on_delta(monkeypatch):
     cfg = theory.get_method("abba").config(r1=2, r2=3)
     M = make_target("random", (64, 48), batch=2, seed=1, dtype=torch.float64).M
-    assert F._adam_value_and_grad(theory.get_method("abba"), M, M, cfg,
+    assert F._kr_value_and_grad(theory.get_method("abba"), M, M, cfg,
                                   initial_params(theory.get_method("abba"), M, M, cfg, 0,
                                                  "paper")) is not None
     kr = F.fit("abba", M, cfg, solver="adam", steps=150, tol=0)
-    monkeypatch.setattr(F, "_adam_value_and_grad", lambda *a: None)
+    monkeypatch.setattr(F, "_kr_value_and_grad", lambda *a: None)
     dense = F.fit("abba", M, cfg, solver="adam", steps=150, tol=0)
     torch.testing.assert_close(torch.tensor(kr.history), torch.tensor(dense.history),
                                rtol=1e-9, atol=1e-12)

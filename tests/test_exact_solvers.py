@@ -41,10 +41,10 @@ def _dense_lstsq(meth, config, p, w0, M, name):
 # registry wiring
 # --------------------------------------------------------------------------- #
 def test_solvers_for_offers_svd_for_pmss_miss_and_als_for_vera_lokr():
-    assert solvers_for("pmss") == ["svd", "adam"]
-    assert solvers_for("miss") == ["svd", "adam"]
-    assert solvers_for("vera") == ["als", "adam"]
-    assert solvers_for("lokr") == ["als", "adam"]
+    assert solvers_for("pmss") == ["svd", "adam", "lbfgs"]
+    assert solvers_for("miss") == ["svd", "adam", "lbfgs"]
+    assert solvers_for("vera") == ["als", "adam", "lbfgs"]
+    assert solvers_for("lokr") == ["als", "adam", "lbfgs"]
     M = _randn(1, 12, 8)
     assert fit("pmss", M, theory.get_method("pmss").config(r=3), w0=_randn(1, 12, 8, seed=1)).solver == "svd"
     assert fit("miss", M, theory.get_method("miss").config(r=2)).solver == "svd"

@@ -45,22 +45,22 @@ def test_relative_error_is_squared_frobenius_ratio_and_lora_optimum_is_tail_ener
     assert torch.allclose(lora_optimum(M, 4), torch.zeros(2, dtype=torch.float64), atol=1e-14)
 
 
-def test_solvers_for_lists_closed_form_als_and_adam_where_they_apply():
-    assert solvers_for("lora") == ["svd", "als", "adam"]
-    assert solvers_for("abba") == ["als", "adam"]
+def test_solvers_for_lists_closed_form_als_and_gradient_solvers_where_they_apply():
+    assert solvers_for("lora") == ["svd", "als", "adam", "lbfgs"]
+    assert solvers_for("abba") == ["als", "adam", "lbfgs"]
     for name in ("hira", "loha", "smoa"):
         if name in theory.available():
-            assert solvers_for(name) == ["als", "adam"]
-    assert solvers_for("full") == ["svd", "adam"]
+            assert solvers_for(name) == ["als", "adam", "lbfgs"]
+    assert solvers_for("full") == ["svd", "adam", "lbfgs"]
     for name in theory.available():
-        assert "adam" in solvers_for(name)
+        assert solvers_for(name)[-2:] == ["adam", "lbfgs"]
     assert "lora-warm" in inits_for("abba") and "spectral" in inits_for("abba")
 
 
 # --------------------------------------------------------------------------- #
 # LoRA: every solver lands on the Eckart-Young optimum
 # --------------------------------------------------------------------------- #
-def test_lora_svd_als_and_adam_reach_eckart_young_optimum():
+def test_lora_svd_als_adam_and_lbfgs_reach_eckart_young_optimum():
     M = make_target("gaussian", (M_, N_), batch=2, seed=3).M
     c = cfg("lora", r=4)
     opt = lora_optimum(M.double(), 4)
@@ -70,6 +70,8 @@ def test_lora_svd_als_and_adam_reach_eckart_young_optimum():
     assert float(((r_als.rel_error - opt) / opt).max()) < 1e-3
     r_adam = fit("lora", M, c, solver="adam", steps=1500, lr=0.1)
     assert float(((r_adam.rel_error - opt) / opt).max()) < 1e-3
+    r_lbfgs = fit("lora", M, c, solver="lbfgs", steps=300)
+    assert float(((r_lbfgs.rel_error - opt) / opt).max()) < 1e-3
     assert isinstance(r_adam, FitResult) and r_adam.delta.shape == M.shape
 
 
@@ -189,7 +191,7 @@ def test_every_solver_returns_error_at_most_one_even_on_adversarial_targets(name
     except ValueError:  # full fine-tuning has no rank-2 budget configuration
         c = meth.config()
     for solver in solvers_for(name):
-        res = fit(name, M, c, solver=solver, steps=40 if solver == "adam" else 10)
+        res = fit(name, M, c, solver=solver, steps=40 if solver in ("adam", "lbfgs") else 10)
         assert bool(torch.isfinite(res.rel_error).all()), (solver, res.rel_error)
         assert float(res.rel_error.max()) <= 1 + 1e-5, (solver, res.rel_error)
         assert res.rel_error.dtype == torch.float64 and res.rel_error.device.type == "cpu"

@@ -6,6 +6,10 @@
   exact ALS of VeRA (bilinear) and LoKr (nearest Kronecker product), each
   derivation in its docstring;
 - ``adam``: gradient descent on the relative error, every method;
+- ``lbfgs``: batched L-BFGS (a quasi-Newton state and a line search per target),
+  every method;
+- ``als_kr``: the Khatri-Rao ALS of ABBA/LoHa and the hand-written gradient of its
+  error expansion (Adam, L-BFGS);
 - ``common``: batched inits (``lora-warm``, ``spectral``), the product form the
   ALS reads, homogeneity probes and the optimal rescaling.
 
@@ -14,6 +18,7 @@ The solvers' study against the ABBA paper's Fig. 2 is ``python -m reconstruction
 
 from .adam import run_adam
 from .als import als_sweep
+from .lbfgs import run_lbfgs
 from .svd import fit_svd
 
-__all__ = ["als_sweep", "fit_svd", "run_adam"]
+__all__ = ["als_sweep", "fit_svd", "run_adam", "run_lbfgs"]

@@ -1,0 +1,161 @@
+"""Batched L-BFGS on the relative reconstruction error, for every registered method.
+
+Each target b has its own quasi-Newton state, its own step and its own stopping
+rule; nothing couples the targets (a single L-BFGS on the summed loss would share
+one line search and mix the targets' curvature pairs). With x_b the trainable
+factors of target b flattened (P entries), g_b = ∇e_b(x_b), and the last H pairs
+s_k = x_{k+1} − x_k, y_k = g_{k+1} − g_k (Nocedal & Wright 2006, Alg. 7.4):
+
+    d_b = −H_b g_b                  two-loop recursion, H_b⁰ = (sᵀy / yᵀy) I
+    x_b ← x_b + t_b d_b             t_b: backtracking (halving) from 1 until
+                                    e_b(x + t d) <= e_b(x) + c1 t g_bᵀ d   (Armijo)
+
+A pair with s_kᵀ y_k <= 1e-10 ‖s_k‖ ‖y_k‖ is not stored (the inverse-Hessian estimate
+stays positive definite); a direction that is not a descent direction (gᵀd >= 0)
+falls back to −g. A target stops when its error improved by less than ``tol``
+(relative) over ``window`` iterations, or when 30 halvings find no decrease.
+Every trial point of every target is evaluated in one batched call: the error and
+its gradient by autograd through ``method.delta``, or by a hand-written function
+(``als_kr.value_and_grad`` for ABBA/LoHa: no m×n intermediate). The state is kept in
+float64; the factors stay in the targets' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .adam import BLOWUP
+from .common import Params
+
+C1 = 1e-4
+HALVINGS = 30
+
+
+def _autograd_vg(method, M: Tensor, w0, config, fixed: Params):
+    norm2 = (M * M).sum((-2, -1)).clamp_min(torch.finfo(M.dtype).tiny)  # (b,)
+
+    def fn(p: Params) -> tuple[Tensor, Params]:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+        with torch.enable_grad():
+            D = method.delta({**leaves, **fixed}, w0, config)  # (b, m, n)
+            err = ((M - D) ** 2).sum((-2, -1)) / norm2  # (b,)
+            grads = torch.autograd.grad(err.sum(), list(leaves.values()), allow_unused=True)
+        return err.detach(), {k: torch.zeros_like(v) if g is None else g
+                              for (k, v), g in zip(leaves.items(), grads)}
+
+    return fn
+
+
+def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, steps: int,
+              tol: float = 1e-7, window: int | None = None, history: int = 10,
+              progress: bool = False, value_and_grad=None):
+    """Returns (best params, per-iteration errors [(b,)...], iterations run, diverged (b,)),
+    like ``adam.run_adam``. ``value_and_grad(params) -> ((b,), {name: gradient})`` over
+    the trainable factors; default: autograd through ``method.delta``."""
+    from tqdm.auto import tqdm
+
+    b, dev = M.shape[0], M.device
+    frozen = set(method.frozen)
+    names = [k for k in params0 if k not in frozen]
+    fixed = {k: v.detach() for k, v in params0.items() if k in frozen}
+    shapes = [params0[k].shape[1:] for k in names]
+    sizes = [math.prod(s) for s in shapes]
+    dtype = params0[names[0]].dtype
+    vg = value_and_grad or _autograd_vg(method, M, w0, config, fixed)
+
+    def unflat(x: Tensor) -> Params:  # (b, P) float64 -> factors in their dtype
+        parts = torch.split(x, sizes, dim=1)
+        return {k: v.reshape(b, *s).to(dtype).contiguous() for k, v, s in zip(names, parts, shapes)}
+
+    def evaluate(x: Tensor) -> tuple[Tensor, Tensor]:  # (b,), (b, P) float64
+        with torch.no_grad():
+            e, g = vg({**unflat(x), **fixed})
+        e = e.double()
+        e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
+        gf = torch.cat([g[k].reshape(b, -1) for k in names], 1).double().nan_to_num(0.0, 0.0, 0.0)
+        return e, gf
+
+    x = torch.cat([params0[k].detach().reshape(b, -1) for k in names], 1).double()  # (b, P)
+    e, g = evaluate(x)
+    S = torch.zeros(history, b, x.shape[1], dtype=torch.float64, device=dev)  # s_k
+    Y = torch.zeros_like(S)  # y_k
+    rho = torch.zeros(history, b, dtype=torch.float64, device=dev)  # 1 / s_kᵀ y_k, 0 = empty
+    age = torch.zeros(history, b, dtype=torch.long, device=dev)  # when a slot was written
+    active = torch.isfinite(e) & (e < BLOWUP)
+    diverged = ~active.clone()
+    window = window or 10
+    H = torch.zeros(steps + 1, b, dtype=torch.float64, device=dev)
+    H[0] = e
+    bar = tqdm(total=steps, disable=not progress, desc=f"lbfgs {method.name}", leave=False)
+    k = 0
+    ar = torch.arange(b, device=dev)
+    for k in range(1, steps + 1):
+        # two-loop recursion over the stored pairs, newest first (per target order)
+        order = torch.argsort(age, dim=0, descending=True)  # (history, b)
+        q = g.clone()
+        alpha = torch.zeros(history, b, dtype=torch.float64, device=dev)
+        for j in range(history):
+            i = order[j]  # (b,) slot of the j-th newest pair of each target
+            s_i, y_i = S[i, ar], Y[i, ar]
+            a = rho[i, ar] * (s_i * q).sum(1)
+            alpha[j] = a
+            q -= a[:, None] * y_i
+        newest = order[0]
+        s0, y0 = S[newest, ar], Y[newest, ar]
+        yy = (y0 * y0).sum(1)
+        gamma = torch.where((rho[newest, ar] > 0) & (yy > 0),
+                            (s0 * y0).sum(1) / yy.clamp_min(1e-300), torch.ones_like(yy))
+        r = gamma[:, None] * q
+        for j in reversed(range(history)):
+            i = order[j]
+            s_i, y_i = S[i, ar], Y[i, ar]
+            beta = rho[i, ar] * (y_i * r).sum(1)
+            r += s_i * (alpha[j] - beta)[:, None]
+        d = -r
+        slope = (g * d).sum(1)  # (b,)
+        bad = ~(slope < 0) | ~torch.isfinite(slope)
+        d = torch.where(bad[:, None], -g, d)
+        slope = torch.where(bad, -(g * g).sum(1), slope)
+        first = (rho > 0).sum(0) == 0  # no pair yet: a short first step
+        t = torch.where(first, 1.0 / (g.abs().sum(1) + 1e-300), torch.ones_like(e)).clamp(max=1.0)
+        t = torch.where(active, t, torch.zeros_like(t))
+        # batched backtracking: every target halves its own t until Armijo holds
+        todo = active.clone()
+        e_new, g_new, x_new = e.clone(), g.clone(), x.clone()
+        for _ in range(HALVINGS):
+            xt = x + t[:, None] * d
+            et, gt = evaluate(xt)
+            ok = todo & (et <= e + C1 * t * slope)
+            e_new = torch.where(ok, et, e_new)
+            g_new = torch.where(ok[:, None], gt, g_new)
+            x_new = torch.where(ok[:, None], xt, x_new)
+            todo &= ~ok
+            if not bool(todo.any()):
+                break
+            t = torch.where(todo, t / 2, t)
+        failed = todo  # no decrease found: the target has converged (or is stuck)
+        moved = active & ~failed
+        s, y = x_new - x, g_new - g
+        sy = (s * y).sum(1)
+        store = moved & (sy > 1e-10 * s.norm(dim=1) * y.norm(dim=1))
+        slot = torch.argmin(torch.where(rho > 0, age, torch.full_like(age, -1)), dim=0)  # oldest or empty
+        S[slot[store], ar[store]] = s[store]
+        Y[slot[store], ar[store]] = y[store]
+        rho[slot[store], ar[store]] = 1.0 / sy[store]
+        age[slot[store], ar[store]] = k
+        x, e, g = x_new, e_new, g_new
+        H[k] = e
+        active &= ~failed
+        if k >= window:
+            old = H[k - window]
+            active &= ~((old - e) <= tol * old)
+        bar.update(1)
+        if progress and k % 20 == 0:
+            bar.set_postfix(err=f"{float(e.mean()):.4g}")
+        if not bool(active.any()):
+            break
+    bar.close()
+    return {**unflat(x), **fixed}, list(H[: k + 1]), k, diverged
