@@ -13,11 +13,11 @@ stand-ins. ``fit``: the solvers (svd, als, adam) behind one function.
 CLI: ``python -m reconstruction.run``.
 """
 
-from .fit import FitResult, lora_optimum, relative_error, solvers_for
+from .fit import FitResult, auto_solver, lora_optimum, relative_error, solvers_for
 
 # ``fit`` the function is not re-exported: ``reconstruction.fit`` stays the module
 # (``from reconstruction.fit import fit``).
 from .targets import KINDS, Target, base_weight, get_target, load_target, make_target
 
 __all__ = ["KINDS", "FitResult", "Target", "base_weight", "get_target", "load_target",
-           "lora_optimum", "make_target", "relative_error", "solvers_for"]
+           "auto_solver", "lora_optimum", "make_target", "relative_error", "solvers_for"]

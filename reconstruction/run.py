@@ -391,7 +391,7 @@ def run(args) -> tuple[list[dict], dict, list[str]]:
             continue
         steps = args.steps
         if steps is None:
-            chosen = F.solvers_for(name)[0] if args.solver == "auto" else args.solver
+            chosen = F.auto_solver(name, cfg, m, n) if args.solver == "auto" else args.solver
             steps = QUICK_STEPS.get(chosen)
         rows.append(evaluate(name, target, cfg, w0=w0, w0_source=w0_src, rank=args.rank,
                              convention=args.convention, within_budget=within,

@@ -56,3 +56,20 @@ def test_lbfgs_recovers_an_exact_hadamard_target_and_lora_optimum():
     opt = lora_optimum(L.double(), 3)
     lora = fit("lora", L, theory.get_method("lora").config(r=3), solver="lbfgs", steps=300)
     assert float(((lora.rel_error - opt) / opt).max()) < 1e-4
+
+
+def test_auto_runs_khatri_rao_als_for_small_r1_r2_and_lbfgs_beyond():
+    abba, loha = theory.get_method("abba"), theory.get_method("loha")
+    assert F.auto_solver(abba, abba.config(r1=8, r2=8), 1000, 1000) == "als"
+    assert F.auto_solver(abba, abba.config(r1=36, r2=36), 1000, 1000) == "lbfgs"
+    assert F.auto_solver(loha, loha.config(r=36), 1000, 1000) == "lbfgs"
+    assert F.auto_solver("hira", theory.get_method("hira").config(r=36), 1000, 1000) == "als"
+    assert F.auto_solver("lora", theory.get_method("lora").config(r=36), 1000, 1000) == "svd"
+    # at 36×36, r1 = r2 = 6 is past the Khatri-Rao threshold: auto is L-BFGS from
+    # lora-warm and two spectral starts (r1 r2 <= min(m, n)), best kept per target
+    M = make_target("random", (36, 36), batch=2, seed=6, dtype=torch.float64).M
+    c = abba.config(r1=6, r2=6)
+    auto = fit("abba", M, c, solver="auto", steps=100)
+    assert auto.solver == "lbfgs" and auto.init == "lora-warm+spectral"
+    one = fit("abba", M, c, solver="lbfgs", steps=100)  # lora-warm only
+    assert bool((auto.rel_error <= one.rel_error + 1e-12).all())

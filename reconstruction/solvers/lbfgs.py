@@ -10,6 +10,10 @@ s_k = x_{k+1} − x_k, y_k = g_{k+1} − g_k (Nocedal & Wright 2006, Alg. 7.4):
     x_b ← x_b + t_b d_b             t_b: backtracking (halving) from 1 until
                                     e_b(x + t d) <= e_b(x) + c1 t g_bᵀ d   (Armijo)
 
+Before the first curvature pair the step starts at unit length (t = 1/‖g‖) and is
+doubled while the error keeps falling, so a badly scaled gradient (the factors'
+scale is arbitrary) does not leave the first steps far too short.
+
 A pair with s_kᵀ y_k <= 1e-10 ‖s_k‖ ‖y_k‖ is not stored (the inverse-Hessian estimate
 stays positive definite); a direction that is not a descent direction (gᵀd >= 0)
 falls back to −g. A target stops when its error improved by less than ``tol``
@@ -119,8 +123,8 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         bad = ~(slope < 0) | ~torch.isfinite(slope)
         d = torch.where(bad[:, None], -g, d)
         slope = torch.where(bad, -(g * g).sum(1), slope)
-        first = (rho > 0).sum(0) == 0  # no pair yet: a short first step
-        t = torch.where(first, 1.0 / (g.abs().sum(1) + 1e-300), torch.ones_like(e)).clamp(max=1.0)
+        first = (rho > 0).sum(0) == 0  # no curvature pair yet: the step length is unknown
+        t = torch.where(first, 1.0 / (g.norm(dim=1) + 1e-300), torch.ones_like(e))  # |t d| = 1
         t = torch.where(active, t, torch.zeros_like(t))
         # batched backtracking: every target halves its own t until Armijo holds
         todo = active.clone()
@@ -136,6 +140,21 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
             if not bool(todo.any()):
                 break
             t = torch.where(todo, t / 2, t)
+        # without a curvature pair, a first step that held at once may be far too short
+        # (the gradient's scale says nothing of the distance to a minimum): double it
+        # while the error keeps falling
+        grow = first & active & ~todo & (t == 1.0 / (g.norm(dim=1) + 1e-300))
+        for _ in range(HALVINGS if bool(grow.any()) else 0):
+            t = torch.where(grow, 2 * t, t)
+            xt = x + t[:, None] * d
+            et, gt = evaluate(xt)
+            ok = grow & (et < e_new)
+            e_new = torch.where(ok, et, e_new)
+            g_new = torch.where(ok[:, None], gt, g_new)
+            x_new = torch.where(ok[:, None], xt, x_new)
+            grow &= ok
+            if not bool(grow.any()):
+                break
         failed = todo  # no decrease found: the target has converged (or is stuck)
         moved = active & ~failed
         s, y = x_new - x, g_new - g
