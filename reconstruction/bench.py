@@ -17,6 +17,7 @@ all measured in one run on one device (``--quick`` shrinks every size).
     different step counts (init and set-up cancel). Goal >= 50%.
 (c) solvers: ALS against Adam, wall time to reach 1.01× the best error either of
     them found (time to step k read as k/steps of the fit's time). Goal ALS >= 10×.
+    L-BFGS (``solver="lbfgs"``) is timed to the same level beside them.
 (d) memory: ABBA's Khatri-Rao forward x (W0 + ΔW)ᵀ (``theory.get_method("abba").forward``,
     Singhal et al. 2025 §3: (B1A1)⊙(B2A2) = (B1⊙_r B2)(A1ᵀ⊙_r A2ᵀ)ᵀ) against forming
     ΔW, at 4096×4096 for token counts 1..4096: peak bytes allocated by the forward
@@ -288,8 +289,8 @@ def _time_to(history: list[float], seconds: float, level: float) -> float | None
 
 
 def bench_als_vs_adam(size: int, rank: int, als_steps: int, adam_steps: int, device: str,
-                      dtype) -> dict:
-    """(c) time for ALS and Adam to reach 1.01× the best error either finds."""
+                      dtype, lbfgs_steps: int | None = None) -> dict:
+    """(c) time for ALS and Adam (and L-BFGS) to reach 1.01× the best error of ALS and Adam."""
     from . import targets as T
 
     if "als" not in F.solvers_for("abba") or "adam" not in F.solvers_for("abba"):
@@ -297,14 +298,17 @@ def bench_als_vs_adam(size: int, rank: int, als_steps: int, adam_steps: int, dev
     tgt = T.make_target("random", (size, size), 1, 0, dtype, device)
     w0 = T.base_weight(tgt, "gaussian", 0)
     cfg = theory.get_method("abba").config_for_rank(size, size, rank)
-    res = {s: _fit("abba", tgt.M, cfg, solver=s, steps=k, w0=w0)
-           for s, k in (("als", als_steps), ("adam", adam_steps))}
+    runs = [("als", als_steps), ("adam", adam_steps)]
+    if lbfgs_steps and "lbfgs" in F.solvers_for("abba"):
+        runs.append(("lbfgs", lbfgs_steps))
+    res = {s: _fit("abba", tgt.M, cfg, solver=s, steps=k, w0=w0) for s, k in runs}
+    # the level: 1.01× the best of ALS and Adam (L-BFGS is timed to the same level)
     best = min(min(r.history) if r.history else float(r.rel_error.mean())
-               for r in res.values())
+               for s, r in res.items() if s != "lbfgs")
     level = 1.01 * best
     t = {s: _time_to(r.history, r.seconds, level) for s, r in res.items()}
     out = {"bench": "als_vs_adam", "size": size, "config": str(cfg), "best_error": best,
-           "level": level, "goal": 10.0}
+           "level": level, "goal": 10.0, "solvers": list(res)}
     for s, r in res.items():
         out[f"{s}_steps"] = r.steps
         out[f"{s}_seconds"] = r.seconds
@@ -318,6 +322,8 @@ def bench_als_vs_adam(size: int, rank: int, als_steps: int, adam_steps: int, dev
         out["note"] = f"Adam did not reach the level in {res['adam'].steps} steps: ratio is a lower bound"
     else:
         out["ratio"] = t["adam"] / t["als"]
+    if "lbfgs" in res and t["lbfgs"] is not None:
+        out["lbfgs_ratio"] = (t["adam"] or res["adam"].seconds) / t["lbfgs"]
     return out
 
 
@@ -358,11 +364,11 @@ SIZES = {
     # (d) size, token counts
     "full": dict(a=(256, 64, {"als": 20, "adam": 200}),
                  b=(1024, {"als": (), "adam": (20, 220)}),
-                 c=(256, 60, 3000),
+                 c=(256, 60, 3000, 300),
                  d=(4096, [1, 8, 64, 512, 4096])),
     "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
                   b=(192, {"als": (), "adam": (10, 110)}),
-                  c=(64, 30, 1500),
+                  c=(64, 30, 1500, 150),
                   d=(512, [1, 64, 512])),
 }
 
@@ -407,6 +413,12 @@ def report(results: list[dict]) -> str:
                 f"{'never' if td is None else f'{td:.2f}s'} ({r['adam_steps']} steps, final "
                 f"{r['adam_final']:.4f}) -> ALS faster by {ratio} (goal >= {r['goal']:g}×)"
                 + (f"; {r['note']}" if r.get("note") else ""))
+            if "lbfgs_steps" in r:
+                tl = r["lbfgs_time_to_level"]
+                lines.append(
+                    f"    L-BFGS {'never' if tl is None else f'{tl:.2f}s'} ({r['lbfgs_steps']} "
+                    f"iterations, final {r['lbfgs_final']:.4f})"
+                    + (f" -> faster than Adam by {r['lbfgs_ratio']:.1f}×" if "lbfgs_ratio" in r else ""))
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")
@@ -450,7 +462,8 @@ def main(argv=None) -> int:
             "a": lambda: [bench_batching(*S["a"][:2], args.rank, s, k, device, dtype)
                           for s, k in solvers_a.items()],
             "b": lambda: bench_step_gflops(S["b"][0], args.rank, S["b"][1], device, dtype),
-            "c": lambda: bench_als_vs_adam(S["c"][0], args.rank, S["c"][1], S["c"][2], device, dtype),
+            "c": lambda: bench_als_vs_adam(*S["c"][:1], args.rank, *S["c"][1:3], device, dtype,
+                                           lbfgs_steps=S["c"][3]),
             "d": lambda: bench_forward(S["d"][0], S["d"][1], args.rank, device, dtype),
         }
         for k in "abcd":
