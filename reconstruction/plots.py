@@ -30,6 +30,8 @@ def _label(method: str, convention: str, fields: dict) -> str:
         if convention == "published":
             return "ABBA r1=r2=r (budget 2r(m+n), as published)"
         return "ABBA r1=r2=r/2 (budget r(m+n))"
+    if method == "loha" and convention == "equal":
+        return "loha (the image of ABBA r1=r2: on its line)"
     return method if convention == "equal" else f"{method} ({convention})"
 
 
@@ -83,9 +85,12 @@ def plot_error_vs_rank(rows: Sequence[dict[str, Any]], title: str | None = None,
             xs = sorted(pts)
             ys = [sum(pts[x]) / len(pts[x]) for x in xs]
             is_abba = key[0] == "abba"
-            ax.plot(xs, ys, "-" if key[1] == "equal" else "--", marker="o" if is_abba else ".",
-                    ms=4 if is_abba else 3, lw=2 if is_abba else 1.1, color=colors[key],
-                    label=_label(key[0], key[1], fields[key]), zorder=4 if is_abba else 3)
+            style = ":" if key[0] == "loha" else "-" if key[1] == "equal" else "--"
+            ax.plot(xs, ys, style, marker="o" if is_abba else ".",
+                    ms=4 if is_abba else 3, lw=2 if is_abba or key[0] == "loha" else 1.1,
+                    color=colors[key],
+                    label=_label(key[0], key[1], fields[key]),
+                    zorder=4.5 if key[0] == "loha" else 4 if is_abba else 3)
         pub = published.ABBA_FIG2.get(tgt)
         same_size = (m, n) == (published.FIG2_SIZE, published.FIG2_SIZE)
         if show_published and pub and not same_size:
