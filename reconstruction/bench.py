@@ -265,8 +265,8 @@ def bench_step_gflops(size: int, rank: int, solvers: dict[str, tuple[int, int]],
             return fc.get_total_flops(), r.steps
 
         (f1, s1), (f2, s2) = flops(k1), flops(k2)
-        t1 = timeit(lambda: run(k1), device, 2)
-        t2 = timeit(lambda: run(k2), device, 2)
+        t1 = timeit(lambda: run(k1), device, 3)
+        t2 = timeit(lambda: run(k2), device, 3)
         t_step = (t2 - t1) / max(s2 - s1, 1)
         if s2 <= s1:
             rows.append({"solver": "adam", "note": f"the fit stopped early ({s1}, {s2} steps)"})

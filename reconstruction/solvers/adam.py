@@ -108,11 +108,13 @@ def run_adam(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, s
         else:
             for k, v in train.items():
                 v.grad = grads[k].contiguous()
+        all_active = bool(active.all())
         with torch.no_grad():
             for v in train.values():
                 if v.grad is not None:
                     v.grad.nan_to_num_(0.0, 0.0, 0.0)
-                    v.grad.mul_(active.reshape(-1, *([1] * (v.ndim - 1))).to(v.grad))
+                    if not all_active:  # stopped targets stay where they are
+                        v.grad.mul_(active.reshape(-1, *([1] * (v.ndim - 1))).to(v.grad))
         opt.step()
         bar.update(1)
         if progress and t % 20 == 0:
