@@ -76,6 +76,7 @@ from .solvers.common import (
     homogeneous_factors,
     initial_params,
     optimal_rescale,
+    rescale_start,
     scale_factors,
     structure,
 )
@@ -298,10 +299,10 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
     spectral_ok = meth.name in HADAMARD_PAIR and math.prod(_pair_ranks(meth, config)) <= min(m, n)
     if solver == "auto":
         chosen = auto_solver(meth, config, m, n)
-        # ALS: lora-warm + 2 spectral (or Gaussian) starts; L-BFGS: + 2 spectral, if
-        # they exist (its Gaussian starts end clearly worse than lora-warm)
-        if meth.name in HADAMARD_PAIR and init is None and (
-                chosen == "als" or (chosen == "lbfgs" and spectral_ok)):
+        # ALS: lora-warm + 2 spectral (or Gaussian) starts. L-BFGS: lora-warm alone
+        # (Gaussian starts end clearly worse; spectral ones are so ill-conditioned,
+        # factor norms 10³-10⁵ times the product's, that float32 gradients are noise)
+        if chosen == "als" and meth.name in HADAMARD_PAIR and init is None:
             restarts = max(int(restarts), 3)
     elif solver not in avail:
         raise ValueError(f"{meth.name}: solver {solver!r} not available; "
@@ -345,7 +346,8 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         elif chosen == "als":
             p, hist, k = _run_als(meth, Mt, w0, config, p0, steps=ALS_SWEEPS if steps is None else int(steps),
                                   tol=tol, window=window, progress=progress)
-        elif chosen == "lbfgs":
+        elif chosen == "lbfgs":  # from the start's best multiple (spectral starts are far off)
+            p0 = rescale_start(meth, Mt, w0, config, p0, hom)
             p, hist, k, div = run_lbfgs(meth, Mt, w0, config, p0,
                                         steps=LBFGS_ITERS if steps is None else int(steps),
                                         tol=tol, window=window, progress=progress,

@@ -177,6 +177,36 @@ def optimal_rescale(M: Tensor, D: Tensor) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
 
 
+def rescale_start(method, M: Tensor, w0: Tensor | None, config, params: Params,
+                  hom: list[str] | None) -> Params:
+    """A start moved to its best multiple c·ΔW (c = ``optimal_rescale``), so a
+    gradient solver never starts above error 1, and, for a Hadamard pair, put in a
+    balanced gauge first: each rank-one component (B[:, k], A[k, :]) of each pair
+    gets equal norms (ΔW unchanged; the ``spectral`` start's A's can be 10⁵ times
+    its B's, which ruins float32 gradients), then the four factors are scaled by
+    |c|^(1/4) each (A2 also by sign c). Another method's ``hom`` group is scaled by
+    c. Nothing is rescaled where ΔW = 0 or c = 0 (no direction to keep)."""
+    if method.name not in HADAMARD_PAIR and not hom:
+        return params
+    with torch.no_grad():
+        out = dict(params)
+        if method.name in HADAMARD_PAIR:
+            for b, a in (("B1", "A1"), ("B2", "A2")):
+                nb = torch.linalg.vector_norm(out[b], dim=-2)  # (batch, r) column norms
+                na = torch.linalg.vector_norm(out[a], dim=-1)  # (batch, r) row norms
+                ok = (nb > 0) & (na > 0)
+                g = torch.where(ok, (na / torch.where(ok, nb, torch.ones_like(nb))).sqrt(),
+                                torch.ones_like(nb))
+                out[b], out[a] = out[b] * g[..., None, :], out[a] / g[..., :, None]
+        c = optimal_rescale(M, method.delta(out, w0, config))  # (b,)
+        c = torch.where(torch.isfinite(c) & (c != 0), c, torch.ones_like(c))
+        if method.name not in HADAMARD_PAIR:
+            return scale_factors(out, hom, c)
+        q = c.abs() ** 0.25
+        out = scale_factors(out, ["B1", "A1", "B2"], q)
+        return scale_factors(out, ["A2"], q * c.sign())
+
+
 def lora_warm(method, M: Tensor, params: Params, st: Structure, seed: int, eps: float = 0.1) -> Params:
     """The "lora-warm" start of a Hadamard pair s·(B1 A1) ⊙ (B2 A2):
 
