@@ -78,6 +78,7 @@ from .solvers.common import (
     optimal_rescale,
     rescale_start,
     scale_factors,
+    stalled,
     structure,
 )
 from .solvers.lbfgs import run_lbfgs
@@ -450,9 +451,7 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
                 p, e, beta = _als.extrapolate(st, M, prev, p, e, beta, active, names)
             hist[k] = torch.where(active, e, hist[k - 1])
             bar.update(1)
-            if k >= window:
-                old = hist[k - window]
-                active &= ~((old - hist[k]) <= tol * old)
+            active &= ~stalled(hist, k, window, tol)
             if not bool(active.any()):
                 break
         bar.close()

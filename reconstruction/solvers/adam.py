@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import Params
+from .common import Params, stalled
 
 #: an error above this counts as divergence
 BLOWUP = 1e12
@@ -93,10 +93,7 @@ def run_adam(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, s
                 torch.where(better.reshape(-1, *([1] * (v.ndim - 1))), v, best[k], out=best[k])
         H[t] = torch.where(torch.isfinite(e), e, best_err)
         BH[t] = best_err
-        if t >= window:  # stopping rule, per target
-            old = BH[t - window]
-            stalled = (old - best_err) <= tol * old
-            active &= ~stalled
+        active &= ~stalled(BH, t, window, tol)  # stopping rule, per target
         if t == steps or not bool(active.any()):
             break
         for g in opt.param_groups:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .als import pair_norm, solve_rows
-from .common import Params, Structure
+from .common import Params, Structure, stalled
 
 NAMES = ("B1", "A1", "B2", "A2")
 
@@ -278,9 +278,7 @@ def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window:
                 p, prep = new, sol.prepare(new, err=False)
             hist[k] = torch.where(active, e, hist[k - 1])
             bar.update(1)
-            if k >= window:
-                old = hist[k - window]
-                active &= ~((old - hist[k]) <= tol * old)
+            active &= ~stalled(hist, k, window, tol)
             if not bool(active.any()):
                 break
     bar.close()

@@ -44,6 +44,16 @@ HADAMARD_PAIR = ("abba", "loha")
 LORA_CONTAINING = ("dora", "alpha_lora")
 
 
+def stalled(hist: Tensor, k: int, window: int, tol: float) -> Tensor:
+    """The stopping rule every iterative solver shares: per target, whether the error
+    hist[k] (hist: (iterations + 1, ..., b)) improved by less than ``tol``
+    (relative) over the last ``window`` iterations; all False before that."""
+    if k < window:
+        return torch.zeros_like(hist[k], dtype=torch.bool)
+    old = hist[k - window]
+    return (old - hist[k]) <= tol * old
+
+
 @dataclasses.dataclass
 class Term:
     pairs: list[tuple[str, str]]  # factor names (B, A) of each low-rank pair

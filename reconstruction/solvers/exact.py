@@ -80,7 +80,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params
+from .common import Params, stalled
 
 #: methods with a closed-form (linear least-squares) best fit here
 CLOSED_FORM = ("pmss", "miss")
@@ -303,9 +303,7 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
         e = torch.where(take, e2, e)
         hist[k] = torch.where(active, e, e_old)
         bar.update(1)
-        if k >= window:
-            old = hist[k - window]
-            active &= ~((old - hist[k]) <= tol * old)
+        active &= ~stalled(hist, k, window, tol)
         if not bool(active.any()):
             break
     bar.close()
@@ -434,9 +432,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         Rw2 = torch.where(take, Rw2n, Rw2)
         hist[k] = torch.where(take[..., 0], e, e_old)
         bar.update(1)
-        if k >= window:
-            old = hist[k - window]
-            active &= ~((old - hist[k]) <= tol * old)
+        active &= ~stalled(hist, k, window, tol)
         if not bool(active.any()):
             break
     bar.close()

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .adam import BLOWUP
-from .common import Params
+from .common import Params, stalled
 
 C1 = 1e-4
 HALVINGS = 30
@@ -168,9 +168,7 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         x, e, g = x_new, e_new, g_new
         H[k] = e
         active &= ~failed
-        if k >= window:
-            old = H[k - window]
-            active &= ~((old - e) <= tol * old)
+        active &= ~stalled(H, k, window, tol)
         bar.update(1)
         if progress and k % 20 == 0:
             bar.set_postfix(err=f"{float(e.mean()):.4g}")
