@@ -19,16 +19,5 @@ from .fit import FitResult, auto_solver, lora_optimum, relative_error, solvers_f
 # (``from reconstruction.fit import fit``).
 from .targets import KINDS, Target, base_weight, get_target, load_target, make_target
 
-__all__ = [
-           "KINDS",
-           "FitResult",
-           "Target",
-           "auto_solver",
-           "base_weight",
-           "get_target",
-           "load_target",
-           "lora_optimum",
-           "make_target",
-           "relative_error",
-           "solvers_for",
-]
+__all__ = ["KINDS", "FitResult", "Target", "auto_solver", "base_weight", "get_target",
+           "load_target", "lora_optimum", "make_target", "relative_error", "solvers_for"]
