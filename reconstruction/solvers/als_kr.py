@@ -34,6 +34,7 @@ sweep's P when it is accepted, so an accepted step costs no extra GEMM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -75,6 +76,14 @@ def _orth(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
     return Q, R @ Y
 
 
+@functools.lru_cache(maxsize=64)
+def _pairs(r: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The index pairs p <= q of an r×r symmetric matrix and their weights (1 on the
+    diagonal, 2 off it), made once per (r, device, dtype)."""
+    ip, jp = torch.triu_indices(r, r, device=device)
+    return ip, jp, torch.where(ip == jp, 1.0, 2.0).to(device=device, dtype=dtype)
+
+
 def _row_grams(W: Tensor, H: Tensor) -> Tensor:
     """G_i[k, l] = Σ_{p, q} W[i, p] W[i, q] H[p, q, k, l] for every row i, from the
     distinct p ≤ q only (H is symmetric in (p, q)): one GEMM of (b, N, r(r+1)/2) by
@@ -83,8 +92,7 @@ def _row_grams(W: Tensor, H: Tensor) -> Tensor:
     W: (b, N, r) float64; H: (b, r, r, r', r') float64. Returns (b, N, r', r')."""
     b, N, r = W.shape
     ro = H.shape[-1]
-    ip, jp = torch.triu_indices(r, r, device=W.device)
-    w = torch.where(ip == jp, 1.0, 2.0).to(W)
+    ip, jp, w = _pairs(r, W.device, W.dtype)
     WW = W[..., ip] * W[..., jp] * w  # (b, N, r(r+1)/2)
     return (WW @ H[:, ip, jp].reshape(b, -1, ro * ro)).reshape(b, N, ro, ro)
 
