@@ -22,9 +22,18 @@ Solvers (every one batched over the targets, on any device, float32 or float64):
   loss is the Khatri-Rao expansion of the error with its gradient written out
   (same values, no m×n tensor, no autograd);
 - ``auto``: svd for LoRA/full/PMSS/MiSS, ALS where available, Adam otherwise. For the
-  Hadamard pairs ABBA and LoHa, ALS runs from at least 3 starts and keeps the best
-  per target: ``lora-warm``, then ``spectral`` (seeds seed, seed + 1, ...) when
-  r1·r2 <= min(m, n), Gaussian starts otherwise.
+  Hadamard pairs ABBA and LoHa (``auto_solver``): L-BFGS from ``lora-warm`` on
+  targets of a side >= 512 or at large r1·r2; else ALS from at least 3 starts,
+  ``lora-warm``, then ``spectral`` (seeds seed, seed + 1, ...) when r1·r2 <= min(m, n),
+  Gaussian starts otherwise.
+
+Several ALS starts are screened: each runs a tenth of the sweeps, and the best per
+target runs the rest (total work ≈ 1.2 single runs for 3 starts), where a later
+start replaces the first (``lora-warm``) only when 1% better. Exact Hadamard targets
+show it within a few sweeps (a spectral start near 0, the others stalled); on
+general targets lora-warm ends lowest: at 256×256 (the main job) 3 × 60 full sweeps
+ended above one lora-warm run of 200, and a spectral start 0.2% ahead after 20
+sweeps ended 0.4% behind.
 
 Reconstruction inits, besides each method's own (``solvers.common``):
 
@@ -89,6 +98,12 @@ SOLVERS = ("auto", "svd", "als", "adam", "lbfgs")
 ADAM_STEPS = 2000
 ALS_SWEEPS = 200
 LBFGS_ITERS = 1000
+#: several ALS starts run 1/SCREEN of the sweeps each; the best per target the rest, where a
+#: later start must beat the first (lora-warm) by SCREEN_MARGIN (relative) to replace it
+SCREEN = 10
+SCREEN_MARGIN = 0.01
+#: ``auto`` fits ABBA/LoHa by L-BFGS on targets with a side this long or longer
+LBFGS_FROM = 512
 ADAM_LR = 1e-2
 #: at most this many entries (B m n, the whole batch): fitted with one CPU thread
 SMALL = 256 * 256
@@ -148,18 +163,23 @@ def solvers_for(method_name: str) -> list[str]:
 
 def auto_solver(method, config: Config, m: int, n: int) -> str:
     """What ``solver="auto"`` runs for ``method`` at ``config`` on m×n targets: the
-    closed form, else ALS, else Adam; except for the Hadamard pairs (ABBA, LoHa) at
-    an r1·r2 too large for the Khatri-Rao ALS (``als_kr.cheaper``), where the generic
-    ALS costs O(m n (r1² + r2²)) per sweep and L-BFGS (O(m n (r1 + r2)) per
-    iteration) reaches lower errors sooner: at 1000×1000, r1 = r2 = 36, the four
-    Fig. 2 targets, ALS (3 starts × 200 sweeps) ends at 0.672 on the orthogonal one
-    in 89 s, L-BFGS from ``lora-warm`` at 0.666 in 8 s per target (500 iterations)."""
+    closed form, else ALS, else Adam; except for the Hadamard pairs (ABBA, LoHa) on
+    targets of a side >= ``LBFGS_FROM`` or at an r1·r2 too large for the Khatri-Rao
+    ALS (``als_kr.cheaper``), where L-BFGS from ``lora-warm`` reaches lower errors.
+    Measured on the four Fig. 2 targets at 1000×1000 (seed 0, float32, 2-core CPU):
+    at r1 = r2 = 8, 16, 20 L-BFGS (1000 iterations) ends below ALS (200 sweeps from
+    the same start) on all 12, by 0.0002-0.004 (r1 = r2 = 20, orthogonal: 0.8183
+    against 0.8203), in 1.3-1.9× ALS's time; at r1 = r2 = 36, where the generic ALS
+    costs O(m n (r1² + r2²)) per sweep, 0.666 in 8 s per target against 0.672 in
+    89 s. At 256×256, r1 = r2 = 8, the two tie (0.1917 / 0.7951 / 0.7220 / 0.5835 by
+    ALS in 1.2 s, 0.1917 / 0.7942 / 0.7228 / 0.5806 by 500 L-BFGS iterations in
+    1.7 s) and ALS, guarded and monotone, is kept."""
     meth = method if isinstance(method, theory.Method) else theory.get_method(method)
     avail = solvers_for(meth.name)
     chosen = "svd" if "svd" in avail else ("als" if "als" in avail else "adam")
     if chosen == "als" and meth.name in HADAMARD_PAIR:
         r1, r2 = _pair_ranks(meth, config)
-        if not _kr.cheaper(r1, r2, m, n):
+        if max(m, n) >= LBFGS_FROM or not _kr.cheaper(r1, r2, m, n):
             chosen = "lbfgs"
     return chosen
 
@@ -250,7 +270,7 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
     init reads it). Without it a stand-in N(0, 1/n) drawn from ``seed`` is used and
     ``FitResult.init`` says so. ``steps``: Adam steps (default 2000) or ALS sweeps
     (default 200). ``restarts``: number of starts (seeds seed, seed+1, ...); the best
-    is kept per target. ``tol``/``window``: stop a target when its error improved by
+    is kept per target (ALS: screened, see the module docstring). ``tol``/``window``: stop a target when its error improved by
     less than ``tol`` (relative) over ``window`` steps/sweeps. ``params0``: start from
     these factors (batched like the targets, e.g. another fit's ``params``: ALS then
     Adam) instead of an init.
@@ -332,33 +352,38 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         if hom:
             given = scale_factors(given, hom, 1.0 / c.double())
         starts = [("given", 0)]
-    for scheme, off in starts:
-        p0 = given if scheme == "given" else initial_params(meth, Mt, w0, config, seed + off, scheme)
+    total = {"als": ALS_SWEEPS, "adam": ADAM_STEPS, "lbfgs": LBFGS_ITERS}.get(chosen, 0) \
+        if steps is None else int(steps)
+    # several ALS starts are screened: each runs total/10 sweeps, the best per target the rest
+    screen = max(5, total // SCREEN) if chosen == "als" and len(starts) > 1 and total >= 4 * SCREEN else None
+
+    def solve(p0, scheme: str, nsteps: int):
+        """One solver run from p0: (params, history, steps done, diverged)."""
         div = torch.zeros(Bn, dtype=torch.bool, device=device)
         if chosen == "svd":
             p = (_exact.closed_form if meth.name in _exact.CLOSED_FORM else fit_svd)(meth, Mt, w0, config, p0)
-            hist = [relative_error(Mt, meth.delta(p, w0, config)).double()]
-            k = 0
-        elif chosen == "als" and meth.name in _exact.ALS:
-            p, hist, k = _exact.run_als(meth, Mt, w0, config, p0,
-                                        steps=ALS_SWEEPS if steps is None else int(steps),
-                                        tol=tol, window=window, progress=progress,
-                                        warm=scheme == "given")
+            return p, [relative_error(Mt, meth.delta(p, w0, config)).double()], 0, div
+        if chosen == "als" and meth.name in _exact.ALS:
+            p, hist, k = _exact.run_als(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
+                                        progress=progress, warm=scheme in ("given", "continued"))
         elif chosen == "als":
-            p, hist, k = _run_als(meth, Mt, w0, config, p0, steps=ALS_SWEEPS if steps is None else int(steps),
-                                  tol=tol, window=window, progress=progress)
+            p, hist, k = _run_als(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
+                                  progress=progress)
         elif chosen == "lbfgs":  # from the start's best multiple (spectral starts are far off)
             p0 = rescale_start(meth, Mt, w0, config, p0, hom)
-            p, hist, k, div = run_lbfgs(meth, Mt, w0, config, p0,
-                                        steps=LBFGS_ITERS if steps is None else int(steps),
-                                        tol=tol, window=window, progress=progress,
+            p, hist, k, div = run_lbfgs(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
+                                        progress=progress,
                                         value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0))
         else:
-            p, hist, k, div = run_adam(meth, Mt, w0, config, p0,
-                                       steps=ADAM_STEPS if steps is None else int(steps),
+            p, hist, k, div = run_adam(meth, Mt, w0, config, p0, steps=nsteps,
                                        lr=ADAM_LR if lr is None else float(lr), schedule=schedule,
                                        tol=tol, window=window, progress=progress,
                                        value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0))
+        return p, hist, k, div
+
+    for scheme, off in starts:
+        p0 = given if scheme == "given" else initial_params(meth, Mt, w0, config, seed + off, scheme)
+        p, hist, k, div = solve(p0, scheme, screen or total)
         with torch.no_grad():
             e = relative_error(Mt.double(), meth.delta(p, w0, config).double())  # (B,)
             e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
@@ -369,7 +394,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
             winners = [f"{scheme}:{seed + off}"] * Bn
             diverged = div.cpu()
             continue
-        better = e < best_e
+        better = e < (best_e * (1 - SCREEN_MARGIN) if screen else best_e)
         for key in best_p:
             v = best_p[key]
             best_p[key] = torch.where(better.reshape(-1, *([1] * (v.ndim - 1))), p[key], v)
@@ -378,6 +403,18 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         best_hist = torch.where(better.cpu()[None], _pad(H, L), _pad(best_hist, L))
         diverged = torch.where(better.cpu(), div.cpu(), diverged)
         winners = [f"{scheme}:{seed + off}" if bool(better[b]) else winners[b] for b in range(Bn)]
+
+    if screen is not None and total > screen:  # the screened best start runs the rest
+        p, hist, k, div = solve(best_p, "continued", total - screen)
+        with torch.no_grad():
+            e = relative_error(Mt.double(), meth.delta(p, w0, config).double())
+        better = torch.isfinite(e) & (e <= best_e)  # ALS never increases it; a guard all the same
+        for key in best_p:
+            v = best_p[key]
+            best_p[key] = torch.where(better.reshape(-1, *([1] * (v.ndim - 1))), p[key], v)
+        H = torch.stack([h.double().cpu() for h in hist])
+        best_hist = torch.cat([best_hist, torch.where(better.cpu()[None], H[1:], best_hist[-1:])])
+        n_steps = max(n_steps, screen + k)
 
     params = best_p
     with torch.no_grad():
@@ -402,11 +439,12 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
 
 def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
     """The Khatri-Rao error and its hand-written gradient, for Adam and L-BFGS on ABBA/LoHa where
-    the Khatri-Rao ALS would be chosen (small r1 r2), else None (autograd through ΔW)."""
+    it is the cheaper one (small r1 r2: ``als_kr.gradient_cheaper``), else None (autograd
+    through ΔW)."""
     if meth.name not in HADAMARD_PAIR:
         return None
     st = structure(meth, p0, w0, config)
-    if st is None or not _kr.applies(st, p0, M.shape[-2], M.shape[-1]):
+    if st is None or not _kr.gradient_applies(st, p0, M.shape[-2], M.shape[-1]):
         return None
     return _kr.value_and_grad(M, st)
 

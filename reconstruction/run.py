@@ -43,9 +43,10 @@ DEFAULT_RANK = 16
 DEFAULT_TARGET = "random"
 DEFAULT_SIZE = 256
 DEFAULT_BATCH = 2
-#: iterations when --steps is not given: fewer than ``fit``'s own defaults (ALS 200
-#: sweeps, Adam 2000 steps) so that ``--method all`` stays quick; sweeps use fit's
-QUICK_STEPS = {"als": 60, "adam": 600, "lbfgs": 200}
+#: iterations when --steps is not given: ALS ``fit``'s own 200 sweeps, Adam and L-BFGS
+#: fewer than its 2000 steps / 1000 iterations so that ``--method all`` stays quick;
+#: sweeps use fit's
+QUICK_STEPS = {"als": 200, "adam": 600, "lbfgs": 300}
 
 #: conventions for turning "rank r" into a configuration
 CONVENTIONS = ("equal", "published")

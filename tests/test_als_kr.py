@@ -104,14 +104,20 @@ def test_a_sweep_reads_the_targets_in_two_gemms_and_forms_nothing_m_by_n():
 @pytest.mark.parametrize("kind", ["random", "sparse", "lowrank"])
 def test_khatri_rao_and_generic_als_reach_the_same_error(method, kind, monkeypatch):
     """Different sweep orders may stop at different stationary points from one start;
-    from the default starts (lora-warm + 2 spectral) both land on the same errors."""
+    the best of three full runs (lora-warm, spectral from seeds 0 and 1) is the same."""
     meth = theory.get_method(method)
     cfg = meth.config(r1=2, r2=2) if method == "abba" else meth.config(r=2)
     M = make_target(kind, (48, 40), batch=3, seed=4, dtype=torch.float64).M
-    kr = F.fit(method, M, cfg, solver="auto", steps=300, tol=1e-12)
+
+    def best_of_three():
+        runs = [F.fit(method, M, cfg, solver="als", steps=300, tol=1e-12, init=i, seed=s)
+                for i, s in (("lora-warm", 0), ("spectral", 0), ("spectral", 1))]
+        return torch.stack([r.rel_error for r in runs]).min(0).values
+
+    kr = best_of_three()
     monkeypatch.setattr(als_kr, "applies", lambda *a, **k: False)
-    gen = F.fit(method, M, cfg, solver="auto", steps=300, tol=1e-12)
-    torch.testing.assert_close(kr.rel_error, gen.rel_error, rtol=5e-3, atol=1e-6)
+    gen = best_of_three()
+    torch.testing.assert_close(kr, gen, rtol=5e-3, atol=1e-6)
 
 
 def test_applies_chooses_khatri_rao_only_while_r1_r2_is_small():
@@ -158,3 +164,18 @@ def test_adam_on_the_khatri_rao_error_follows_the_same_trajectory_as_on_delta(mo
     torch.testing.assert_close(torch.tensor(kr.history), torch.tensor(dense.history),
                                rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(kr.rel_error, dense.rel_error, rtol=1e-9, atol=1e-12)
+
+
+def test_gradient_solvers_use_the_khatri_rao_gradient_only_at_small_r1_r2():
+    """Adam and L-BFGS take the hand-written Khatri-Rao gradient while its flops stay
+    under autograd's through ΔW; beyond (r1 = r2 = 16 at 1000×1000) autograd, even
+    where the Khatri-Rao ALS still applies."""
+    assert als_kr.gradient_cheaper(8, 8, 1000, 1000) and als_kr.gradient_cheaper(4, 4, 256, 256)
+    assert not als_kr.gradient_cheaper(16, 16, 1000, 1000) and als_kr.cheaper(16, 16, 1000, 1000)
+    meth = theory.get_method("abba")
+    M = make_target("random", (1000, 1000), seed=0).M
+    for r, kr in ((8, True), (16, False)):
+        cfg = meth.config(r1=r, r2=r)
+        p0 = initial_params(meth, M, M, cfg, 0, "gaussian")
+        got = F._kr_value_and_grad(meth, M, M, cfg, p0)
+        assert (got is not None) == kr

@@ -58,9 +58,11 @@ def test_lbfgs_recovers_an_exact_hadamard_target_and_lora_optimum():
     assert float(((lora.rel_error - opt) / opt).max()) < 1e-4
 
 
-def test_auto_runs_khatri_rao_als_for_small_r1_r2_and_lbfgs_beyond():
+def test_auto_runs_khatri_rao_als_on_small_targets_at_small_r1_r2_and_lbfgs_otherwise():
     abba, loha = theory.get_method("abba"), theory.get_method("loha")
-    assert F.auto_solver(abba, abba.config(r1=8, r2=8), 1000, 1000) == "als"
+    assert F.auto_solver(abba, abba.config(r1=8, r2=8), 256, 256) == "als"
+    assert F.auto_solver(abba, abba.config(r1=8, r2=8), 1000, 1000) == "lbfgs"  # side >= 512
+    assert F.auto_solver(abba, abba.config(r1=8, r2=8), 256, F.LBFGS_FROM) == "lbfgs"
     assert F.auto_solver(abba, abba.config(r1=36, r2=36), 1000, 1000) == "lbfgs"
     assert F.auto_solver(loha, loha.config(r=36), 1000, 1000) == "lbfgs"
     assert F.auto_solver("hira", theory.get_method("hira").config(r=36), 1000, 1000) == "als"

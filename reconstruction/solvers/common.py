@@ -252,6 +252,20 @@ def _rank1_split(Z: Tensor, r1: int, r2: int) -> tuple[Tensor, Tensor]:
     return u[..., :, 0] * sq, vh[..., 0, :] * sq
 
 
+def _rank1_track(Z: Tensor, r1: int, r2: int, v: Tensor, power: int = 2) -> tuple[Tensor, Tensor]:
+    """The rank-1 projection of each row of Z (..., k, r1 r2), reshaped r1×r2, by
+    ``power`` steps of the power method from the previous right vectors v (..., k, r2)
+    (unit rows): the projected rows u ⊗ v (..., k, r1 r2) and the new v. Inside
+    alternating projections the rows change little per step, so a warm power step
+    tracks the top singular pair at a fraction of a batched SVD's cost."""
+    Zr = Z.reshape(*Z.shape[:-1], r1, r2)
+    for _ in range(power):
+        v = (Zr.mT @ (Zr @ v[..., None]))[..., 0]
+        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
+    u = (Zr @ v[..., None])[..., 0]  # (..., k, r1): σ times the left vector
+    return (u[..., :, None] * v[..., None, :]).flatten(-2), v
+
+
 def spectral_init(method, M: Tensor, params: Params, st: Structure, seed: int,
                   iters: int = 300, warm: int = 100) -> Params:
     """The "spectral" start of a Hadamard pair s·(B1 A1) ⊙ (B2 A2), for r1 r2 <= min(m, n).
@@ -277,10 +291,15 @@ def spectral_init(method, M: Tensor, params: Params, st: Structure, seed: int,
     U = torch.linalg.svd(Md, full_matrices=False)[0][..., :K]  # (b, m, K)
     g = torch.Generator().manual_seed(int(seed))
     X = torch.randn(K, K, generator=g, dtype=torch.float64).to(U.device).expand(Bn, K, K)
+    v = None
     for it in range(iters):
         P = U @ X  # (b, m, K)
-        u1, u2 = _rank1_split(P, r1, r2)
-        P = (u1[..., :, None] * u2[..., None, :]).reshape(Bn, m, K)
+        if v is None:  # exact rank-1 projections first, then tracked by power steps
+            u1, u2 = _rank1_split(P, r1, r2)
+            v = u2 / torch.linalg.vector_norm(u2, dim=-1, keepdim=True).clamp_min(1e-300)
+            P = (u1[..., :, None] * u2[..., None, :]).reshape(Bn, m, K)
+        else:
+            P, v = _rank1_track(P, r1, r2, v)
         X = U.mT @ P
         if it < warm:  # keep X away from the rank-one collapse: its orthogonal polar factor
             uu, _, vv = torch.linalg.svd(X)
