@@ -82,12 +82,12 @@ from .solvers.common import (
     ALS_FAMILIES,
     HADAMARD_PAIR,
     extra_inits,
+    finish_step,
     homogeneous_factors,
     initial_params,
     optimal_rescale,
     rescale_start,
     scale_factors,
-    stalled,
     structure,
 )
 from .solvers.lbfgs import run_lbfgs
@@ -488,9 +488,7 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
             if extrapolate and k >= 2:
                 p, e, beta = _als.extrapolate(st, M, prev, p, e, beta, active, names)
             hist[k] = torch.where(active, e, hist[k - 1])
-            bar.update(1)
-            active &= ~stalled(hist, k, window, tol)
-            if not bool(active.any()):
+            if finish_step(bar, hist, k, active, window, tol):
                 break
         bar.close()
     return p, list(hist[: k + 1]), k

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .als import pair_norm, solve_rows
-from .common import Params, Structure, stalled
+from .common import Params, Structure, finish_step
 
 NAMES = ("B1", "A1", "B2", "A2")
 
@@ -306,9 +306,7 @@ def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window:
             else:
                 p, prep = new, sol.prepare(new, err=False)
             hist[k] = torch.where(active, e, hist[k - 1])
-            bar.update(1)
-            active &= ~stalled(hist, k, window, tol)
-            if not bool(active.any()):
+            if finish_step(bar, hist, k, active, window, tol):
                 break
     bar.close()
     if not math.isfinite(float(hist[k].max())):

@@ -54,6 +54,14 @@ def stalled(hist: Tensor, k: int, window: int, tol: float) -> Tensor:
     return (old - hist[k]) <= tol * old
 
 
+def finish_step(bar, hist: Tensor, k: int, active: Tensor, window: int, tol: float) -> bool:
+    """The end of iteration k of every solver loop: tick the progress bar, drop the
+    targets that ``stalled`` from ``active`` (in place); True when none is left."""
+    bar.update(1)
+    active &= ~stalled(hist, k, window, tol)
+    return not bool(active.any())
+
+
 @dataclasses.dataclass
 class Term:
     pairs: list[tuple[str, str]]  # factor names (B, A) of each low-rank pair

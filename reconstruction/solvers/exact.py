@@ -80,7 +80,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, stalled
+from .common import Params, finish_step
 
 #: methods with a closed-form (linear least-squares) best fit here
 CLOSED_FORM = ("pmss", "miss")
@@ -302,9 +302,7 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
         num, q = torch.where(t3, num1, num), torch.where(t3, q1, q)
         e = torch.where(take, e2, e)
         hist[k] = torch.where(active, e, e_old)
-        bar.update(1)
-        active &= ~stalled(hist, k, window, tol)
-        if not bool(active.any()):
+        if finish_step(bar, hist, k, active, window, tol):
             break
     bar.close()
     win = hist[k].argmin(0)  # (b,) the best start per target
@@ -431,9 +429,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         w1, w2 = torch.where(take, w1n, w1), torch.where(take, w2n, w2)
         Rw2 = torch.where(take, Rw2n, Rw2)
         hist[k] = torch.where(take[..., 0], e, e_old)
-        bar.update(1)
-        active &= ~stalled(hist, k, window, tol)
-        if not bool(active.any()):
+        if finish_step(bar, hist, k, active, window, tol):
             break
     bar.close()
     win = hist[k].argmin(0)  # (b,) the best start per target
