@@ -323,7 +323,8 @@ def bench_als_vs_adam(size: int, rank: int, als_steps: int, adam_steps: int, dev
     else:
         out["ratio"] = t["adam"] / t["als"]
     if "lbfgs" in res and t["lbfgs"] is not None:
-        out["lbfgs_ratio"] = (t["adam"] or res["adam"].seconds) / t["lbfgs"]
+        adam_t = res["adam"].seconds if t["adam"] is None else t["adam"]  # a lower bound if None
+        out["lbfgs_ratio"] = adam_t / max(t["lbfgs"], 1e-12)
     return out
 
 
@@ -462,8 +463,8 @@ def main(argv=None) -> int:
             "a": lambda: [bench_batching(*S["a"][:2], args.rank, s, k, device, dtype)
                           for s, k in solvers_a.items()],
             "b": lambda: bench_step_gflops(S["b"][0], args.rank, S["b"][1], device, dtype),
-            "c": lambda: bench_als_vs_adam(*S["c"][:1], args.rank, *S["c"][1:3], device, dtype,
-                                           lbfgs_steps=S["c"][3]),
+            "c": lambda: bench_als_vs_adam(S["c"][0], args.rank, S["c"][1], S["c"][2], device,
+                                           dtype, lbfgs_steps=S["c"][3]),
             "d": lambda: bench_forward(S["d"][0], S["d"][1], args.rank, device, dtype),
         }
         for k in "abcd":

@@ -168,8 +168,8 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
     ALS (``als_kr.cheaper``), where L-BFGS from ``lora-warm`` reaches lower errors.
     Measured on the four Fig. 2 targets at 1000×1000 (seed 0, float32, 2-core CPU):
     at r1 = r2 = 8, 16, 20 L-BFGS (1000 iterations) ends below ALS (200 sweeps from
-    the same start) on all 12, by 0.0002-0.004 (r1 = r2 = 20, orthogonal: 0.8183
-    against 0.8203), in 1.3-1.9× ALS's time; at r1 = r2 = 36, where the generic ALS
+    the same start) on all 12, by 0.0002-0.004 (r1 = r2 = 20, orthogonal: 0.8181
+    against 0.8203), in 0.9-1.3× ALS's time; at r1 = r2 = 36, where the generic ALS
     costs O(m n (r1² + r2²)) per sweep, 0.666 in 8 s per target against 0.672 in
     89 s. At 256×256, r1 = r2 = 8, the two tie (0.1917 / 0.7951 / 0.7220 / 0.5835 by
     ALS in 1.2 s, 0.1917 / 0.7942 / 0.7228 / 0.5806 by 500 L-BFGS iterations in
@@ -270,8 +270,9 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
     init reads it). Without it a stand-in N(0, 1/n) drawn from ``seed`` is used and
     ``FitResult.init`` says so. ``steps``: Adam steps (default 2000) or ALS sweeps
     (default 200). ``restarts``: number of starts (seeds seed, seed+1, ...); the best
-    is kept per target (ALS: screened, see the module docstring). ``tol``/``window``: stop a target when its error improved by
-    less than ``tol`` (relative) over ``window`` steps/sweeps. ``params0``: start from
+    is kept per target (ALS: screened, see the module docstring). ``tol``/``window``:
+    stop a target when its error improved by less than ``tol`` (relative) over
+    ``window`` steps/sweeps. ``params0``: start from
     these factors (batched like the targets, e.g. another fit's ``params``: ALS then
     Adam) instead of an init.
     """
@@ -354,7 +355,6 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         starts = [("given", 0)]
     total = {"als": ALS_SWEEPS, "adam": ADAM_STEPS, "lbfgs": LBFGS_ITERS}.get(chosen, 0) \
         if steps is None else int(steps)
-    # several ALS starts are screened: each runs total/10 sweeps, the best per target the rest
     screen = max(5, total // SCREEN) if chosen == "als" and len(starts) > 1 and total >= 4 * SCREEN else None
 
     def solve(p0, scheme: str, nsteps: int):
@@ -395,9 +395,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
             diverged = div.cpu()
             continue
         better = e < (best_e * (1 - SCREEN_MARGIN) if screen else best_e)
-        for key in best_p:
-            v = best_p[key]
-            best_p[key] = torch.where(better.reshape(-1, *([1] * (v.ndim - 1))), p[key], v)
+        best_p = _take(better, p, best_p)
         best_e = torch.where(better, e, best_e)
         L = max(best_hist.shape[0], H.shape[0])
         best_hist = torch.where(better.cpu()[None], _pad(H, L), _pad(best_hist, L))
@@ -409,9 +407,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         with torch.no_grad():
             e = relative_error(Mt.double(), meth.delta(p, w0, config).double())
         better = torch.isfinite(e) & (e <= best_e)  # ALS never increases it; a guard all the same
-        for key in best_p:
-            v = best_p[key]
-            best_p[key] = torch.where(better.reshape(-1, *([1] * (v.ndim - 1))), p[key], v)
+        best_p = _take(better, p, best_p)
         H = torch.stack([h.double().cpu() for h in hist])
         best_hist = torch.cat([best_hist, torch.where(better.cpu()[None], H[1:], best_hist[-1:])])
         n_steps = max(n_steps, screen + k)
@@ -447,6 +443,11 @@ def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
     if st is None or not _kr.gradient_applies(st, p0, M.shape[-2], M.shape[-1]):
         return None
     return _kr.value_and_grad(M, st)
+
+
+def _take(mask: Tensor, new: dict[str, Tensor], old: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per target (mask (B,)), the factors of ``new`` where True, of ``old`` elsewhere."""
+    return {k: torch.where(mask.reshape(-1, *([1] * (v.ndim - 1))), new[k], v) for k, v in old.items()}
 
 
 def _pad(X: Tensor, L: int) -> Tensor:

@@ -43,9 +43,9 @@ DEFAULT_RANK = 16
 DEFAULT_TARGET = "random"
 DEFAULT_SIZE = 256
 DEFAULT_BATCH = 2
-#: iterations when --steps is not given: ALS ``fit``'s own 200 sweeps, Adam and L-BFGS
-#: fewer than its 2000 steps / 1000 iterations so that ``--method all`` stays quick;
-#: sweeps use fit's
+#: iterations when --steps is not given (``reconstruction.sweep`` uses fit's own): ALS
+#: fit's 200 sweeps, Adam and L-BFGS fewer than its 2000 steps / 1000 iterations, so
+#: that ``--method all`` stays quick
 QUICK_STEPS = {"als": 200, "adam": 600, "lbfgs": 300}
 
 #: conventions for turning "rank r" into a configuration

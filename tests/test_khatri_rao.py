@@ -17,7 +17,6 @@ import theory
 from theory.khatri_rao import face_split, hadamard_lowrank_factors, hadamard_lowrank_matmul
 
 
-
 def randn(*shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 

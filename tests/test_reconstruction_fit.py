@@ -273,3 +273,22 @@ def test_warm_start_from_a_previous_fit_never_loses_and_keeps_the_start():
     assert bool((more.rel_error <= first.rel_error + 1e-6).all())
     with pytest.raises(ValueError, match="params0"):
         fit("abba", M, c, params0={"B1": first.params["B1"]})
+
+
+def test_screened_als_starts_continue_the_best_start_to_the_full_sweep_count():
+    """Several ALS starts each run steps/SCREEN sweeps; the best per target runs the
+    rest: one history of all the sweeps, never increasing, ending at or below the
+    best screened start (each start fitted alone for the screen length)."""
+    from reconstruction import fit as F
+
+    M = make_target("sparse", (40, 32), batch=3, seed=2, dtype=torch.float64).M
+    c = cfg("abba", r1=2, r2=3)
+    res = fit("abba", M, c, solver="als", restarts=3, init="gaussian", steps=100, tol=0)
+    screen = 100 // F.SCREEN
+    H = res.history_per_target
+    assert res.steps == 100 and H.shape[0] == 101
+    assert float((H[1:] - H[:-1]).max()) <= 1e-12
+    alone = torch.stack([fit("abba", M, c, solver="als", init="gaussian", seed=s, steps=screen,
+                             tol=0).rel_error for s in range(3)])
+    assert bool((res.rel_error <= alone.min(0).values + 1e-12).all())
+    assert bool((res.rel_error < alone.min(0).values - 1e-6).any())  # the rest of the sweeps helped

@@ -13,6 +13,7 @@ import torch
 import theory
 from reconstruction.fit import fit, inits_for, lora_optimum, relative_error
 from reconstruction.solvers.common import LORA_CONTAINING, initial_params
+from reconstruction.targets import make_target
 
 M_, N_, R_ = 24, 20, 3
 
@@ -120,3 +121,37 @@ def test_hut_cannot_hold_a_generic_lora_update():
                                                                            dtype=torch.float64)
     need = 1.0 + L / w0[0]
     assert int(torch.linalg.matrix_rank(need)) == min(M_, N_)
+
+
+# --------------------------------------------------------------------------- #
+# the shared pieces of the starts: truncated factors, the tracked rank-1 split
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("scale", [1.0, -2.5])
+def test_truncated_factors_give_the_eckart_young_approximation_times_the_scale(scale):
+    from reconstruction.solvers.common import truncated_factors
+
+    Z = make_target("gaussian", (9, 7), batch=2, seed=3, dtype=torch.float64).M
+    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    B, A = truncated_factors(Z, 3, scale)
+    torch.testing.assert_close(scale * B @ A, (U[..., :3] * S[..., None, :3]) @ Vh[..., :3, :])
+    torch.testing.assert_close(torch.linalg.vector_norm(B, dim=-2), torch.linalg.vector_norm(A, dim=-1))
+    B, A = truncated_factors(Z, 10, scale)  # r above min(m, n) = 7: exact, zero-padded
+    assert B.shape == (2, 9, 10) and A.shape == (2, 10, 7)
+    torch.testing.assert_close(scale * B @ A, Z)
+    assert bool((B[..., 7:] == 0).all() and (A[..., 7:, :] == 0).all())
+
+
+def test_tracked_rank1_split_is_the_best_rank1_projection_of_each_row():
+    from reconstruction.solvers.common import _rank1_split, _rank1_track
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(2, 50, 4 * 3, generator=g, dtype=torch.float64)
+    u, w = _rank1_split(Z, 4, 3)
+    best = (u[..., :, None] * w[..., None, :]).flatten(-2)
+    exact, _v = _rank1_track(Z, 4, 3, None)  # from the exact top vectors
+    torch.testing.assert_close(exact, best)
+    v0 = torch.randn(2, 50, 3, generator=g, dtype=torch.float64)
+    tracked, _ = _rank1_track(Z, 4, 3, v0 / v0.norm(dim=-1, keepdim=True), power=300)
+    torch.testing.assert_close(tracked, best, rtol=1e-6, atol=1e-8)
+    few, _ = _rank1_track(Z, 4, 3, v0 / v0.norm(dim=-1, keepdim=True), power=1)
+    assert float((few - best).abs().max()) > 1e-3  # one step from a random v is not there yet

@@ -10,7 +10,6 @@ import torch
 from theory import spectra
 
 
-
 def orthogonal(k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))[0]

@@ -18,7 +18,6 @@ from reconstruction.targets import (
 )
 
 
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_has_requested_shape_batch_and_is_finite(kind):
     t = make_target(kind, (20, 30), batch=3, seed=4)

@@ -212,7 +212,7 @@ class KRALS:
 
 def value_and_grad(M: Tensor, st: Structure):
     """The relative errors e_b = ‖M_b − s K_B K_A‖² / ‖M_b‖² and their exact gradients
-    with respect to (B1, A1, B2, A2), written out by hand for Adam (no autograd, no
+    with respect to (B1, A1, B2, A2), written out by hand for Adam and L-BFGS (no autograd, no
     m×n intermediate). With P = M K_Aᵀ, Q = Mᵀ K_B, H_A = K_A K_Aᵀ, H_B = K_Bᵀ K_B
     and c = 1 / ‖M‖²:
 
@@ -254,7 +254,7 @@ def value_and_grad(M: Tensor, st: Structure):
         GA = (s * KAH - Q).mul_(w)  # (b, n, R) ∂e/∂K_Aᵀ
         gB1, gB2 = split(GB, p["B1"], p["B2"])
         gA1t, gA2t = split(GA, A1t, A2t)
-        return e, {"B1": gB1, "B2": gB2, "A1": gA1t.mT.contiguous(), "A2": gA2t.mT.contiguous()}
+        return e, {"B1": gB1, "B2": gB2, "A1": gA1t.mT, "A2": gA2t.mT}
 
     return fn
 

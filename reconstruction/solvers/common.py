@@ -225,6 +225,21 @@ def rescale_start(method, M: Tensor, w0: Tensor | None, config, params: Params,
         return scale_factors(out, ["A2"], q * c.sign())
 
 
+def truncated_factors(Z: Tensor, r: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Best rank-r factors of Z (..., p, q) (Eckart-Young) with s·B A = [Z]_r:
+    B = sign(s) U_r √(Σ_r/|s|) (..., p, r), A = √(Σ_r/|s|) V_rᵀ (..., r, q), in Z's
+    dtype, zero-padded to r when r > min(p, q)."""
+    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    k = min(r, S.shape[-1])
+    sq = (S[..., :k] / abs(scale)).sqrt()
+    B = (1.0 if scale > 0 else -1.0) * U[..., :, :k] * sq[..., None, :]
+    A = sq[..., :, None] * Vh[..., :k, :]
+    if k < r:
+        B = torch.cat([B, B.new_zeros(*B.shape[:-1], r - k)], -1)
+        A = torch.cat([A, A.new_zeros(*A.shape[:-2], r - k, A.shape[-1])], -2)
+    return B, A
+
+
 def lora_warm(method, M: Tensor, params: Params, st: Structure, seed: int, eps: float = 0.1) -> Params:
     """The "lora-warm" start of a Hadamard pair s·(B1 A1) ⊙ (B2 A2):
 
@@ -236,12 +251,9 @@ def lora_warm(method, M: Tensor, params: Params, st: Structure, seed: int, eps: 
     """
     (b1, a1), (b2, a2) = st.terms[0].pairs
     r1, r2 = params[b1].shape[-1], params[b2].shape[-1]
-    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    sq = (S[..., :r1] / abs(st.scale)).sqrt()
-    sign = 1.0 if st.scale > 0 else -1.0
+    B, A = truncated_factors(M.double(), r1, st.scale)
     out = dict(params)
-    out[b1] = (sign * U[..., :, :r1] * sq[..., None, :]).to(params[b1])
-    out[a1] = (sq[..., :, None] * Vh[..., :r1, :]).to(params[a1])
+    out[b1], out[a1] = B.to(params[b1]), A.to(params[a1])
     Bn, m, n = M.shape
     g = torch.Generator().manual_seed(int(seed))
     B2 = torch.randn(m, r2, generator=g, dtype=torch.float64) * eps
@@ -260,13 +272,17 @@ def _rank1_split(Z: Tensor, r1: int, r2: int) -> tuple[Tensor, Tensor]:
     return u[..., :, 0] * sq, vh[..., 0, :] * sq
 
 
-def _rank1_track(Z: Tensor, r1: int, r2: int, v: Tensor, power: int = 2) -> tuple[Tensor, Tensor]:
+def _rank1_track(Z: Tensor, r1: int, r2: int, v: Tensor | None,
+                 power: int = 2) -> tuple[Tensor, Tensor]:
     """The rank-1 projection of each row of Z (..., k, r1 r2), reshaped r1×r2, by
     ``power`` steps of the power method from the previous right vectors v (..., k, r2)
-    (unit rows): the projected rows u ⊗ v (..., k, r1 r2) and the new v. Inside
-    alternating projections the rows change little per step, so a warm power step
-    tracks the top singular pair at a fraction of a batched SVD's cost."""
+    (unit rows; None: the exact top ones, by SVD): the projected rows u ⊗ v
+    (..., k, r1 r2) and the new v. Inside alternating projections the rows change
+    little per step, so a warm power step tracks the top singular pair at a fraction
+    of a batched SVD's cost."""
     Zr = Z.reshape(*Z.shape[:-1], r1, r2)
+    if v is None:
+        v = torch.linalg.svd(Zr, full_matrices=False)[2][..., 0, :]
     for _ in range(power):
         v = (Zr.mT @ (Zr @ v[..., None]))[..., 0]
         v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
@@ -302,12 +318,7 @@ def spectral_init(method, M: Tensor, params: Params, st: Structure, seed: int,
     v = None
     for it in range(iters):
         P = U @ X  # (b, m, K)
-        if v is None:  # exact rank-1 projections first, then tracked by power steps
-            u1, u2 = _rank1_split(P, r1, r2)
-            v = u2 / torch.linalg.vector_norm(u2, dim=-1, keepdim=True).clamp_min(1e-300)
-            P = (u1[..., :, None] * u2[..., None, :]).reshape(Bn, m, K)
-        else:
-            P, v = _rank1_track(P, r1, r2, v)
+        P, v = _rank1_track(P, r1, r2, v)  # exact at first, then tracked by power steps
         X = U.mT @ P
         if it < warm:  # keep X away from the rank-one collapse: its orthogonal polar factor
             uu, _, vv = torch.linalg.svd(X)
@@ -331,12 +342,9 @@ def svd_init(method, M: Tensor, params: Params, st: Structure) -> Params:
     """LoRA at its optimum: B A = truncated SVD of M / s."""
     (b, a), = st.terms[0].pairs
     r = params[b].shape[-1]
-    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    sq = (S[..., :r] / abs(st.scale)).sqrt()
-    sign = 1.0 if st.scale > 0 else -1.0
+    B, A = truncated_factors(M.double(), r, st.scale)
     out = dict(params)
-    out[b] = (sign * U[..., :, :r] * sq[..., None, :]).to(params[b])
-    out[a] = (sq[..., :, None] * Vh[..., :r, :]).to(params[a])
+    out[b], out[a] = B.to(params[b]), A.to(params[a])
     return out
 
 
@@ -362,12 +370,9 @@ def lora_contained_init(method, M: Tensor, w0: Tensor, params: Params, config) -
     s = float(getattr(config, "scale", 1.0))
     if s == 0.0:
         raise ValueError(f"{method.name}: lora-warm needs a nonzero LoRA scale s")
-    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    sq = (S[..., :r] / abs(s)).sqrt()  # (b, r)
-    sign = 1.0 if s > 0 else -1.0
+    B, A = truncated_factors(M.double(), r, s)  # (b, m, r), (b, r, n)
     out = dict(params)
-    out["B"] = (sign * U[..., :, :r] * sq[..., None, :]).to(params["B"])  # (b, m, r)
-    out["A"] = (sq[..., :, None] * Vh[..., :r, :]).to(params["A"])  # (b, r, n)
+    out["B"], out["A"] = B.to(params["B"]), A.to(params["A"])
     if method.name == "alpha_lora":
         out["alpha"] = torch.ones_like(params["alpha"])  # (b, m)
     else:  # dora: the row norms of V, computed from the stored (rounded) factors

@@ -80,7 +80,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, finish_step
+from .common import Params, finish_step, truncated_factors
 
 #: methods with a closed-form (linear least-squares) best fit here
 CLOSED_FORM = ("pmss", "miss")
@@ -110,17 +110,11 @@ def _sinv(S: Tensor, shape, rcond: float | None = None) -> Tensor:
     return torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
 
 
-def truncate(Z: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Best rank-r factors of Z (..., p, q) (Eckart-Young): (U_r √Σ_r (..., p, r),
-    √Σ_r V_rᵀ (..., r, q)), zero-padded when r > min(p, q)."""
-    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
-    k = min(r, S.shape[-1])
-    sq = S[..., :k].sqrt()
-    Bf, Af = U[..., :, :k] * sq[..., None, :], sq[..., :, None] * Vh[..., :k, :]
-    if k < r:
-        Bf = torch.cat([Bf, Bf.new_zeros(*Bf.shape[:-1], r - k)], -1)
-        Af = torch.cat([Af, Af.new_zeros(*Af.shape[:-2], r - k, Af.shape[-1])], -2)
-    return Bf, Af
+def _balance(x: Tensor, y: Tensor) -> Tensor:
+    """t (b,) with ‖x t‖ = ‖y / t‖ for the rows x (b, p), y (b, q); 1 where either is 0."""
+    nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)
+    ok = (nx > 0) & (ny > 0)
+    return torch.where(ok, (ny / nx.clamp_min(1e-300)).sqrt(), torch.ones_like(nx))
 
 
 def _rel(num: Tensor, nM: Tensor) -> Tensor:
@@ -310,9 +304,7 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
     b, d = b[win, ar], d[win, ar]  # (b, m), (b, r)
     out = dict(p0)
     # balance ‖b‖ and ‖d‖ (ΔW unchanged): keeps float32 factors well scaled
-    nb, nd = torch.linalg.vector_norm(b, dim=-1), torch.linalg.vector_norm(d, dim=-1)
-    ok = (nb > 0) & (nd > 0)
-    t = torch.where(ok, (nd / nb.clamp_min(1e-300)).sqrt(), torch.ones_like(nb))
+    t = _balance(b, d)
     out["b"] = (b * t[:, None]).to(p0["b"])
     out["d"] = (d / t[:, None]).to(p0["d"])
     return out, list(hist[: k + 1, win, ar]), k
@@ -372,7 +364,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
     def cut1(Z1: Tensor) -> Tensor:  # (..., a, c) -> the W1 constraint
         if sh.full_w1:
             return Z1
-        Bf, Af = truncate(Z1, r)
+        Bf, Af = truncated_factors(Z1, r)
         return Bf @ Af
 
     def safe(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -383,7 +375,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         ok, n1 = safe((w1 * w1).sum(-1))  # (k, b)
         Z2 = ((Rm.mT @ w1[..., None])[..., 0] / n1[..., None]).reshape(*w1.shape[:-1], bb, d)
         if not sh.full_w2:
-            Bf, Af = truncate(Z2, r)
+            Bf, Af = truncated_factors(Z2, r)
             Z2 = Bf @ Af
         return torch.where(ok[..., None], Z2.reshape(*w1.shape[:-1], bb * d), w2_old)
 
@@ -436,9 +428,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
     ar = torch.arange(Bn, device=M.device)
     w1, w2 = w1[win, ar], w2[win, ar]  # (b, a c), (b, bb d)
     # balance ‖s W1‖ = ‖W2‖ (ΔW unchanged), then write the factors in PEFT's layout
-    n1, n2 = torch.linalg.vector_norm(w1, dim=-1), torch.linalg.vector_norm(w2, dim=-1)
-    ok = (n1 > 0) & (n2 > 0)
-    t = torch.where(ok, (n2 / n1.clamp_min(1e-300)).sqrt(), torch.ones_like(n1))
+    t = _balance(w1, w2)
     W1 = (w1 * t[:, None] / s).reshape(Bn, a, c)
     W2 = (w2 / t[:, None]).reshape(Bn, bb, d)
     out = dict(p0)
@@ -446,7 +436,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         if full:
             out[f"W{i}"] = W.to(p0[f"W{i}"])
         else:
-            Bf, Af = truncate(W, r)
+            Bf, Af = truncated_factors(W, r)
             out[f"B{i}"], out[f"A{i}"] = Bf.to(p0[f"B{i}"]), Af.to(p0[f"A{i}"])
     return out, list(hist[: k + 1, win, ar]), k
 

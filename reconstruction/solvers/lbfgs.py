@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .adam import BLOWUP
-from .common import Params, stalled
+from .common import Params, finish_step
 
 C1 = 1e-4
 HALVINGS = 30
@@ -168,11 +168,9 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         x, e, g = x_new, e_new, g_new
         H[k] = e
         active &= ~failed
-        active &= ~stalled(H, k, window, tol)
-        bar.update(1)
         if progress and k % 20 == 0:
             bar.set_postfix(err=f"{float(e.mean()):.4g}")
-        if not bool(active.any()):
+        if finish_step(bar, H, k, active, window, tol):
             break
     bar.close()
     return {**unflat(x), **fixed}, list(H[: k + 1]), k, diverged
