@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+import cli
 import theory
 from reconstruction import fit as F
 from theory import spectra
@@ -81,9 +82,16 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
         if not k:
             raise ValueError(f"--set expects key=value, got {it!r}")
         try:
-            out[k] = ast.literal_eval(v.strip())
+            val = ast.literal_eval(v.strip())
         except (ValueError, SyntaxError):
-            out[k] = v.strip()
+            val = v.strip()
+            if val.lower() in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+                val = float(val)
+        if isinstance(val, float) and not math.isfinite(val):
+            raise ValueError(f"--set {k}={v.strip()}: the value must be finite")
+        if k in out and out[k] != val:
+            raise ValueError(f"--set gives {k} twice ({out[k]!r} and {val!r})")
+        out[k] = val
     return out
 
 
@@ -122,17 +130,8 @@ def config_for(method, m: int, n: int, rank: int, convention: str = "equal",
     return cfg, within and method.n_params(m, n, cfg) <= budget
 
 
-def check_device(device: str | None) -> str:
-    device = (device or "cpu").strip()
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"bad device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available on this machine")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device} requested but MPS is not available")
-    return device
+#: kept under this name for the commands that import it from here
+check_device = cli.check_device
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -144,6 +143,8 @@ def load_w0(spec: str, target, seed: int, dtype, device):
 
     p = Path(spec)
     if p.suffix.lower() in (".npy", ".pt", ".pth", ".safetensors") or p.exists():
+        if not p.exists():
+            raise FileNotFoundError(f"--w0 file {p} not found")
         w = T.load_target(p, dtype=dtype, device=device).M  # (b, m, n)
         if tuple(w.shape[-2:]) != tuple(target.M.shape[-2:]):
             raise ValueError(f"W0 from {p} has shape {tuple(w.shape[-2:])}, the target "
@@ -285,24 +286,18 @@ def format_table(rows: list[dict[str, Any]], show_convention: bool = False) -> s
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
-class CliParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line ``error: ...`` on stderr (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message.splitlines()[0] if message else 'bad arguments'} "
-                     f"(see {self.prog} --help)\n")
+#: kept under this name for the commands that import it from here
+CliParser = cli.Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = CliParser(
-        prog="python -m reconstruction.run", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(prog="python -m reconstruction.run", description=__doc__)
     ap.add_argument("--method", default=DEFAULT_METHOD,
                     help=f"method name, comma list, or 'all' (default {DEFAULT_METHOD})")
-    ap.add_argument("--rank", type=int, default=DEFAULT_RANK,
+    ap.add_argument("--rank", type=cli.positive_int, default=DEFAULT_RANK,
                     help="parameter budget of rank-r LoRA, r(m+n) (default %(default)s)")
-    ap.add_argument("--r1", type=int, help="override r1 (abba / loha-like methods)")
-    ap.add_argument("--r2", type=int, help="override r2 (abba / loha-like methods)")
+    ap.add_argument("--r1", type=cli.positive_int, help="override r1 (abba / loha-like methods)")
+    ap.add_argument("--r2", type=cli.positive_int, help="override r2 (abba / loha-like methods)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override any config field, e.g. --set alpha=2 (repeatable)")
     ap.add_argument("--convention", choices=CONVENTIONS, default="equal",
@@ -310,18 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "ABBA r1=r2=r as the paper's code runs it")
     ap.add_argument("--target", default=DEFAULT_TARGET,
                     help=f"target kind or file (.npy/.pt/.safetensors) (default {DEFAULT_TARGET})")
-    ap.add_argument("--size", type=int, help=f"square targets N×N (default {DEFAULT_SIZE})")
-    ap.add_argument("--shape", type=int, nargs=2, metavar=("M", "N"), help="target shape m×n")
-    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+    ap.add_argument("--size", type=cli.positive_int, help=f"square targets N×N (default {DEFAULT_SIZE})")
+    ap.add_argument("--shape", type=cli.positive_int, nargs=2, metavar=("M", "N"), help="target shape m×n")
+    ap.add_argument("--batch", type=cli.positive_int, default=DEFAULT_BATCH,
                     help="number of targets fitted at once (default %(default)s)")
     ap.add_argument("--solver", default="auto", help="auto|svd|als|adam|lbfgs (default auto)")
-    ap.add_argument("--steps", type=int,
+    ap.add_argument("--steps", type=cli.positive_int,
                     help=f"ALS sweeps / Adam steps / L-BFGS iterations (default "
                          f"{QUICK_STEPS['als']} / {QUICK_STEPS['adam']} / {QUICK_STEPS['lbfgs']}; "
                          f"fewer if every target converges)")
     ap.add_argument("--init", help="initialization scheme (default: the solver's)")
-    ap.add_argument("--restarts", type=int, default=1, help="random restarts, keep the best")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--restarts", type=cli.positive_int, default=1, help="random restarts, keep the best")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu|cuda (default cpu)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--w0", default="gaussian",
@@ -352,20 +347,22 @@ def run(args) -> tuple[list[dict], dict, list[str]]:
 
     device = check_device(args.device)
     dtype = DTYPES[args.dtype]
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {args.rank}")
+    cli.check_writable_file(args.json, "--json")
+    cli.check_writable_dir(args.out, "--out")
     names = resolve_methods(args.method)
     explicit = args.method.strip().lower() != "all"
     overrides = parse_set(args.set)
-    if args.r1 is not None:
-        overrides["r1"] = args.r1
-    if args.r2 is not None:
-        overrides["r2"] = args.r2
+    for key in ("r1", "r2"):
+        flag = getattr(args, key)
+        if flag is not None:
+            if key in overrides and overrides[key] != flag:
+                raise ValueError(f"--{key} {flag} and --set {key}={overrides[key]} disagree")
+            overrides[key] = flag
     shape = _shape(args)
+    if not Path(args.target).suffix:  # a generated kind: the targets, W0, ΔW and solver work
+        cli.check_memory(8 * args.batch * shape[0] * shape[1] * torch.finfo(dtype).bits // 8,
+                         f"--batch {args.batch} of {shape[0]}x{shape[1]} targets",
+                         device, hint="lower --batch or --size")
     target = T.get_target(args.target, shape, args.batch, args.seed, dtype, device)
     m, n = target.M.shape[-2:]
     w0, w0_src = load_w0(args.w0, target, args.seed, dtype, device)
@@ -409,26 +406,15 @@ def run(args) -> tuple[list[dict], dict, list[str]]:
     return rows, meta, notes
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        rows, meta, notes = run(args)
-        if args.out:
-            rio.write_results(args.out, rows, meta)
-        if args.json == "-":
-            sys.stdout.write(rio.dumps({"meta": meta, "rows": rows}) + "\n")
-            return 0
-        if args.json:
-            rio.write_json(args.json, {"meta": meta, "rows": rows})
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"missing key {msg}"
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+def report(args, rows, meta, notes) -> None:
+    """Write the files, then print the table (or the JSON to stdout)."""
+    if args.out:
+        rio.write_results(args.out, rows, meta)
+    if args.json == "-":
+        sys.stdout.write(rio.dumps({"meta": meta, "rows": rows}) + "\n")
+        return
+    if args.json:
+        rio.write_json(args.json, {"meta": meta, "rows": rows})
     m, n = meta["shape"]
     print(f"target: {meta['target']}  {m}×{n}  batch {meta['batch']}  seed {meta['seed']}  "
           f"{meta['dtype']} on {meta['device']}")
@@ -441,11 +427,22 @@ def main(argv=None) -> int:
     print(format_table(rows))
     for note in notes:
         print(f"note: {note}")
-    if any(r["diverged"] for r in rows):
-        print("! = some fits diverged (error reported from the best iterate)")
     if args.out:
         print(f"wrote {args.out / 'results.json'} and {args.out / 'results.csv'}")
-    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def work():
+        rows, meta, notes = run(args)
+        report(args, rows, meta, notes)
+        bad = [r["method"] for r in rows if r["diverged"]]
+        if bad:
+            raise cli.Failed(f"the fit diverged for {', '.join(bad)} (the error shown is the "
+                             "best finite iterate's)")
+
+    return cli.run(work, interrupted="nothing was saved")
 
 
 if __name__ == "__main__":

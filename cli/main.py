@@ -1,0 +1,84 @@
+"""The wrapper around every command's work: one line and a known exit status, always.
+
+    def main(argv=None) -> int:
+        args = build_parser().parse_args(argv)
+        return cli.run(lambda: work(args), interrupted="finished runs are saved; rerun to resume")
+
+==========================================  ======  =====================================
+what happened                               status  on stderr
+==========================================  ======  =====================================
+the work returned                           0       (whatever the command printed)
+:class:`Failed` (some cells/runs failed)    1       ``failed: <reason>``
+``ValueError``, ``OSError``, UsageError,    2       ``error: <first line of the message>``
+``KeyError`` (a missing field), out of
+memory
+Ctrl-C (``KeyboardInterrupt``)              130     ``interrupted: <what was saved>``
+a closed pipe (``... | head``)              0       nothing
+==========================================  ======  =====================================
+
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
+
+
+class UsageError(ValueError):
+    """Bad input found after parsing (a flag combination, a value out of range)."""
+
+
+class Failed(Exception):
+    """The command ran to its end but part of the work failed (exit 1). The message
+    says what failed; the parts that succeeded are saved, the failed ones are not."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError) and e.args:
+        text = f"missing key {e.args[0]!r}"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _out_of_memory() -> tuple[type[BaseException], ...]:
+    try:
+        import torch
+        return (MemoryError, torch.OutOfMemoryError)
+    except (ImportError, AttributeError):  # torch not installed: only Python's own
+        return (MemoryError,)
+
+
+def run(work: Callable[[], int | None], *, interrupted: str = "nothing was saved",
+        stderr=None) -> int:
+    """Call ``work()`` and turn its outcome into an exit status (module docstring).
+
+    ``interrupted``: what the user should know after Ctrl-C (what was saved, how to resume).
+    ``work`` may return an int status (None means 0)."""
+    err = stderr or sys.stderr
+    try:
+        status = work()
+        return EXIT_OK if status is None else int(status)
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=err)
+        return EXIT_INTERRUPT
+    except BrokenPipeError:  # stdout closed by `| head`: not an error
+        try:  # silence the flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+    except Failed as e:
+        print(f"failed: {first_line(e)}", file=err)
+        return EXIT_FAILED
+    except _out_of_memory() as e:
+        print(f"error: out of memory: {first_line(e)}", file=err)
+        return EXIT_USAGE
+    except (ValueError, OSError, KeyError) as e:
+        print(f"error: {first_line(e)}", file=err)
+        return EXIT_USAGE
