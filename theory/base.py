@@ -184,6 +184,11 @@ class Method(ABC):
         """The adapted weight ``W' = W0 + ΔW``."""
         return w0 + self.delta(params, w0, config)
 
+    def bias_scale(self, params: Params) -> Tensor | None:
+        """A factor by which the update multiplies the layer's bias, or None (no change).
+        Only methods that rescale the whole pre-trained map (α-LoRA) have one."""
+        return None
+
     # -- counting ----------------------------------------------------------- #
     @abstractmethod
     def n_params(self, m: int, n: int, config: Config) -> int:

@@ -78,6 +78,11 @@ class AlphaLoRA(Method):
         s = 1.0 if config is None else config.scale
         return (x @ w0.mT) * params["alpha"][..., None, :] + s * ((x @ params["A"].mT) @ params["B"].mT)
 
+    def bias_scale(self, params):
+        """The authors' code scales the whole pre-trained map, α ⊙ (W0 x + b), so in a
+        layer with a bias the bias is scaled too (ΔW, a statement about W, is unchanged)."""
+        return params["alpha"]
+
     def n_params(self, m, n, config):
         return config.r * (m + n) + m
 
