@@ -1,0 +1,149 @@
+"""Where runs live on disk and how they are read back.
+
+One folder per run, ``<out>/<model>/<task>/<name>/`` (``name`` = method, rank,
+optimizer, seed and a hash of the whole configuration, :attr:`RunConfig.name`):
+
+- ``run.json``: the record of a *finished* run (config, trainable parameters, the
+  metric and its value before training, loss and evaluation curves, step time, peak
+  memory, wall time, forgetting, α-LoRA's α per layer). Its presence is what makes
+  a run finished: it is never recomputed.
+- ``deltas.safetensors``: the learned ``<layer>.delta`` = ΔW and ``<layer>.w0`` = W0 of
+  every adapted layer (for full fine-tuning, of the target layers), (d_out, d_in),
+  float32: ``python -m reconstruction.run --target <run>/deltas.safetensors`` reads it.
+- ``adapter.safetensors``: the trained factors, ``<layer>.<factor>`` (ours) or PEFT's
+  adapter state dict (``--impl peft``); metadata: method and per-layer configs.
+- ``checkpoint.pt`` while the run is unfinished (resume point), ``failed.json`` after a
+  divergence (the next run of the same command starts it again).
+
+Every file is written atomically (:mod:`cli.files`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cli
+
+DEFAULT_OUT = Path("runs")
+
+
+def run_dir(out: Path, cfg) -> Path:
+    r = cfg.resolved()
+    return Path(out) / r.model / r.task / cfg.name
+
+
+def is_finished(d: Path) -> bool:
+    return (Path(d) / "run.json").is_file()
+
+
+def load_record(d: Path) -> dict[str, Any]:
+    """The ``run.json`` of a finished run (one-line ValueError if missing or corrupt)."""
+    p = Path(d) / "run.json" if Path(d).is_dir() else Path(d)
+    try:
+        rec = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no finished run there (run.json missing)") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not a readable run record ({type(e).__name__})") from None
+    if not isinstance(rec, dict) or "config" not in rec or "metric" not in rec:
+        raise ValueError(f"{p}: not a run record of finetune.run")
+    rec["dir"] = str(p.parent)
+    return rec
+
+
+def load_deltas(d: Path) -> dict:
+    """``{layer: (ΔW, W0)}`` of a finished run."""
+    from finetune.tiny import load_deltas as _load
+
+    p = Path(d) / "deltas.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found (an unfinished or foreign run?)")
+    try:
+        return _load(p)
+    except Exception as e:  # safetensors raises its own error type on a corrupt file
+        raise ValueError(f"{p}: not a readable deltas file ({type(e).__name__})") from None
+
+
+def load_factors(d: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``({layer: {factor: tensor}}, metadata)`` of a finished run's ``adapter.safetensors``."""
+    from safetensors import safe_open
+
+    p = Path(d) / "adapter.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found")
+    try:
+        out: dict[str, dict[str, Any]] = {}
+        with safe_open(str(p), "pt") as f:
+            meta = dict(f.metadata() or {})
+            for k in f.keys():
+                layer, factor = k.rsplit(".", 1)
+                out.setdefault(layer, {})[factor] = f.get_tensor(k)
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable adapter file ({type(e).__name__})") from None
+    return out, meta
+
+
+def find_runs(out: Path, model: str | None = None, task: str | None = None) -> list[dict]:
+    """Records of every finished run under ``out`` (optionally one model / task)."""
+    base = Path(out)
+    pattern = f"{model or '*'}/{task or '*'}/*/run.json"
+    recs = []
+    for p in sorted(base.glob(pattern)):
+        try:
+            recs.append(load_record(p))
+        except (ValueError, FileNotFoundError):
+            continue
+    return recs
+
+
+def save_run(d: Path, record: dict, model=None) -> None:
+    """Write a finished run: deltas, factors, then run.json last (it marks completion)."""
+    from safetensors.torch import save_file
+
+    from finetune.tiny import save_deltas
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    rec = {k: v for k, v in record.items() if k not in ("deltas", "model")}
+    save_deltas(record["deltas"], d / "deltas.safetensors",
+                metadata={"model": rec["config"]["model"], "task": rec["config"]["task"],
+                          "method": rec["method"], "impl": rec["impl"], "run": rec["name"],
+                          "convention": "<layer>.delta = ΔW, <layer>.w0 = W0: (d_out, d_in)"})
+    if model is not None and rec["method"] != "full":
+        tensors = adapter_tensors(model, rec["impl"])
+        if tensors:
+            with cli.atomic_path(d / "adapter.safetensors") as tmp:
+                save_file(tensors, str(tmp), metadata={
+                    "method": rec["method"], "impl": rec["impl"],
+                    "layer_configs": json.dumps(rec["layer_configs"])})
+    cli.write_json(d / "run.json", rec)
+    for stale in ("checkpoint.pt", "failed.json"):
+        (d / stale).unlink(missing_ok=True)
+
+
+def adapter_tensors(model, impl: str) -> dict:
+    if impl == "peft":
+        from peft import get_peft_model_state_dict
+        try:
+            sd = get_peft_model_state_dict(model)
+        except Exception:  # noqa: BLE001 (a model PEFT cannot describe: keep the deltas only)
+            return {}
+        return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+    from finetune.adapters import adapted_layers
+
+    out = {}
+    for path, layer in adapted_layers(model).items():
+        for name, p in layer.factors.items():
+            out[f"{path}.{name}"] = p.detach().float().cpu().contiguous()
+    return out
+
+
+def record_failure(d: Path, cfg, reason: str, step: int | None = None) -> Path:
+    """Write ``failed.json`` (and drop the checkpoint, so the next run starts afresh)."""
+    d = Path(d)
+    (d / "checkpoint.pt").unlink(missing_ok=True)
+    return cli.write_json(d / "failed.json", {"status": "failed", "reason": reason, "step": step,
+                                               "config": cfg.resolved().asdict(),
+                                               "key": cfg.key})
