@@ -429,6 +429,9 @@ def get_task(model: str, task: str, *, seed: int = 0, device: str = "cpu",
     check_pair(model, task)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if model != "mlp":
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # the trainer shows its own bar
     cls = {"minilm": MiniLMSentiment, "smollm2": SmolLM2Text, "tiny-gpt2": TinyGPT2Text,
            "mlp": DigitsTransfer}[model]
     return cls(task, seed=seed, device=device, alpha_fraction=alpha_fraction,
