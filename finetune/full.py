@@ -285,37 +285,52 @@ def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed
 # --------------------------------------------------------------------------- #
 # spectra of the updates
 # --------------------------------------------------------------------------- #
-def summarize(deltas: dict[str, tuple[Tensor, Tensor]], ranks=EY_RANKS,
-              qs=(0.9, 0.99)) -> list[dict]:
-    """One row per layer: shape, ‖ΔW‖_F/‖W0‖_F, effective ranks of ΔW, Eckart-Young errors.
-
-    Ranks from :mod:`theory.spectra` on the singular values of ΔW (float64 SVD):
-    ``numerical_rank`` counts σ_k > σ_1 · max(m, n) · eps(dtype of the stored ΔW) (the
-    data's own precision), ``stable_rank`` Σσ²/σ_1², ``entropy_rank`` exp H(σ/Σσ),
-    ``energy_rank_<q>`` the smallest k holding a fraction q of Σσ². ``ey_<r>`` is
-    Σ_{k>r} σ_k² / Σσ², the relative squared error of the best rank-r approximation
-    (DESIGN §4's metric; rank-r LoRA can do no better). Same-shape layers share one
-    batched SVD.
-    """
-    from theory.spectra import energy_rank_from_sv, entropy_rank_from_sv, stable_rank_from_sv
-
+def _by_shape(deltas: dict[str, tuple[Tensor, Tensor]]) -> dict[tuple, list[str]]:
     if not deltas:
         raise ValueError("no layers to summarize")
-    names = list(deltas)
     by_shape: dict[tuple, list[str]] = {}
-    for n in names:
-        d, w0 = deltas[n]
+    for n, (d, w0) in deltas.items():
         if d.ndim != 2 or tuple(d.shape) != tuple(w0.shape):
             raise ValueError(f"{n}: delta {tuple(d.shape)} and w0 {tuple(w0.shape)} "
                              "must be equal 2-d shapes")
         by_shape.setdefault(tuple(d.shape), []).append(n)
+    return by_shape
+
+
+def singular_values(deltas: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """``{layer: σ (min(m, n),) float64, descending}`` of every ΔW; same-shape layers
+    share one batched SVD (of the tall orientation: LAPACK is slow on wide matrices)."""
+    out = {}
+    for (m, k), group in _by_shape(deltas).items():
+        D = torch.stack([deltas[n][0] for n in group])  # (B, m, n)
+        Dt = D if m >= k else D.mT
+        s = torch.linalg.svdvals(Dt.double().contiguous())  # (B, min(m, n))
+        out.update(zip(group, s))
+    return {n: out[n] for n in deltas}
+
+
+def summarize(deltas: dict[str, tuple[Tensor, Tensor]], ranks=EY_RANKS,
+              qs=(0.9, 0.99), *, sv: dict[str, Tensor] | None = None) -> list[dict]:
+    """One row per layer: shape, ‖ΔW‖_F/‖W0‖_F, effective ranks of ΔW, Eckart-Young errors.
+
+    Ranks from :mod:`theory.spectra` on the singular values of ΔW (float64 SVD,
+    :func:`singular_values`, or ``sv`` when given):
+    ``numerical_rank`` counts σ_k > σ_1 · max(m, n) · eps(dtype of the stored ΔW) (the
+    data's own precision), ``stable_rank`` Σσ²/σ_1², ``entropy_rank`` exp H(σ/Σσ),
+    ``energy_rank_<q>`` the smallest k holding a fraction q of Σσ². ``ey_<r>`` is
+    Σ_{k>r} σ_k² / Σσ², the relative squared error of the best rank-r approximation
+    (DESIGN §4's metric; rank-r LoRA can do no better).
+    """
+    from theory.spectra import energy_rank_from_sv, entropy_rank_from_sv, stable_rank_from_sv
+
+    by_shape = _by_shape(deltas)
+    sv = singular_values(deltas) if sv is None else sv
     rows: dict[str, dict] = {}
     for (m, k), group in by_shape.items():
         D = torch.stack([deltas[n][0] for n in group])  # (B, m, n)
         W = torch.stack([deltas[n][1] for n in group])  # (B, m, n)
         eps = torch.finfo(D.dtype).eps if D.dtype.is_floating_point else 0.0
-        Dt = D if m >= k else D.mT  # tall: LAPACK is much slower on wide matrices
-        s = torch.linalg.svdvals(Dt.double().contiguous())  # (B, min(m, n))
+        s = torch.stack([sv[n] for n in group])  # (B, min(m, n))
         s2 = s**2
         tot = s2.sum(-1)
         safe = torch.where(tot > 0, tot, torch.ones_like(tot))
@@ -330,7 +345,7 @@ def summarize(deltas: dict[str, tuple[Tensor, Tensor]], ranks=EY_RANKS,
             row.update({f"energy_rank_{q:g}": int(en[q][b]) for q in qs})
             row.update({f"ey_{r}": float(s2[b, int(r):].sum() / safe[b]) for r in ranks})
             rows[n] = row
-    return [rows[n] for n in names]
+    return [rows[n] for n in deltas]
 
 
 def format_summary(rows: list[dict]) -> str:
