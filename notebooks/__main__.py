@@ -39,7 +39,8 @@ def read(name: str):
 
 def build_parser() -> cli.Parser:
     ap = cli.Parser(prog="python -m notebooks", description=__doc__)
-    ap.add_argument("names", nargs="*", help=f"notebooks (default: all of {', '.join(available())})")
+    ap.add_argument("names", nargs="*",
+                    help=f"notebooks (default: all of {', '.join(available())})")
     ap.add_argument("--out", type=Path, default=HERE, help="folder of the .ipynb files "
                     "(default: beside the sources)")
     return ap

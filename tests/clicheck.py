@@ -44,3 +44,11 @@ def interrupted(main, argv, capsys, monkeypatch, where, name: str) -> str:
 
     monkeypatch.setattr(where, name, ctrl_c)
     return one_line(call(main, argv, capsys), code=130, prefix="interrupted: ")
+
+
+def refused(main, argv, capsys, words: str) -> str:
+    """Bad input: one ``error:`` line containing ``words``, exit 2, nothing on stdout."""
+    r = call(main, argv, capsys)
+    line = one_line(r, words=words)
+    assert r.out == "", r.out
+    return line

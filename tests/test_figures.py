@@ -13,7 +13,7 @@ import stat
 import numpy as np
 import pytest
 import torch
-from clicheck import call, interrupted, one_line
+from clicheck import call, interrupted, one_line, refused
 from figcheck import assert_readable, by_gid, data_lines, xy
 from matplotlib.colors import to_rgba
 
@@ -130,7 +130,7 @@ def test_rmt_histogram_limits_are_the_theory_gaussians_and_bars_the_scores():
 
 
 def test_rmt_regression_curves_are_eq10_markers_the_simulation_within_its_error():
-    from figures.rmt_regression import GAMMA, K, NOISE
+    from figures.rmt_regression import GAMMA, NOISE, K
 
     fig, data = drawn("rmt_regression")
     for (p, n, rho), (r, Wt, Ws) in data["cases"].items():
@@ -374,9 +374,7 @@ def test_cli_bad_input_is_one_line_exit_2_before_any_figure(argv, words, capsys,
     import figures.rmt_fig1 as f1
 
     monkeypatch.setattr(f1, "make", lambda *a, **k: pytest.fail("drawn despite bad input"))
-    r = call(figures_main, argv, capsys)
-    one_line(r, words=words)
-    assert r.out == ""
+    refused(figures_main, argv, capsys, words)
 
 
 def test_cli_ctrl_c_is_one_line_exit_130(capsys, monkeypatch, tmp_path):

@@ -230,7 +230,7 @@ def test_bad_arguments_raise_one_line_value_errors_before_any_work(kw, monkeypat
 # --------------------------------------------------------------------------- #
 # python -m finetune.full: every flag with a bad value
 # --------------------------------------------------------------------------- #
-from clicheck import call, interrupted, one_line  # noqa: E402
+from clicheck import call, interrupted, one_line, refused  # noqa: E402
 
 FULL_BAD = [
     (["--corpus", "imdb"], "--corpus: invalid choice: 'imdb'"),
@@ -274,9 +274,7 @@ def test_cli_bad_input_one_line_exit_2_before_the_model_loads(argv, words, capsy
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(foreign))
     argv = [{"JUNK": junk, "FOREIGN": foreign}.get(a, a) for a in argv]
     monkeypatch.setattr(full, "load_pretrained", lambda: pytest.fail("model loaded"))
-    r = call(full.main, argv, capsys)
-    one_line(r, words=words)
-    assert r.out == ""
+    refused(full.main, argv, capsys, words)
 
 
 def test_cli_ctrl_c_is_one_line_exit_130(capsys, monkeypatch, tmp_path):

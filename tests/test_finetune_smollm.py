@@ -48,7 +48,7 @@ def test_two_fine_tuning_steps_give_a_small_nonzero_update():
     assert 0 < float(dw.norm()) < 0.01 * float(w0.norm())
 
 
-from clicheck import call, interrupted, one_line  # noqa: E402
+from clicheck import call, interrupted, one_line, refused  # noqa: E402
 
 SMOL_BAD = [
     (["--out", "/"], "--out / is a folder; give a file name"),
@@ -62,9 +62,7 @@ SMOL_BAD = [
 @pytest.mark.parametrize("argv, words", SMOL_BAD, ids=[" ".join(a) for a, _ in SMOL_BAD])
 def test_cli_bad_input_one_line_exit_2_before_loading(argv, words, capsys, monkeypatch):
     monkeypatch.setattr(smollm, "smollm_w0", lambda *a: pytest.fail("model loaded"))
-    r = call(smollm.main, argv, capsys)
-    one_line(r, words=words)
-    assert r.out == ""
+    refused(smollm.main, argv, capsys, words)
 
 
 def test_cli_missing_package_is_one_line_naming_the_install_command(capsys, monkeypatch):

@@ -134,7 +134,7 @@ def test_load_deltas_names_the_file_of_a_corrupt_or_foreign_file(tmp_path):
         tiny.read_metadata(junk)
 
 
-from clicheck import call, interrupted, one_line  # noqa: E402
+from clicheck import call, interrupted, refused  # noqa: E402
 
 TINY_BAD = [
     (["--steps", "0"], "--steps: must be >= 1"),
@@ -156,9 +156,7 @@ TINY_BAD = [
 @pytest.mark.parametrize("argv, words", TINY_BAD, ids=[" ".join(a) for a, _ in TINY_BAD])
 def test_cli_bad_input_one_line_exit_2_before_training(argv, words, capsys, monkeypatch):
     monkeypatch.setattr(tiny, "tiny_gpt2_deltas", lambda *a, **k: pytest.fail("trained"))
-    r = call(tiny.main, argv, capsys)
-    one_line(r, words=words)
-    assert r.out == ""
+    refused(tiny.main, argv, capsys, words)
 
 
 def test_cli_ctrl_c_is_one_line_exit_130(capsys, monkeypatch, tmp_path):

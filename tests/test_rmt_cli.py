@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from clicheck import call, interrupted, one_line
+from clicheck import call, interrupted, one_line, refused
 
 from rmt import bench, realdata, run, theory
 from rmt import simulate as sim
@@ -97,9 +97,7 @@ RUN_BAD = [
 
 @pytest.mark.parametrize("argv, words", RUN_BAD, ids=[" ".join(a) for a, _ in RUN_BAD])
 def test_run_bad_input_one_line_error_exit_2(argv, words, capsys):
-    r = call(run.main, argv, capsys)
-    one_line(r, words=words)
-    assert r.out == ""
+    refused(run.main, argv, capsys, words)
 
 
 def test_run_without_cuda_refuses_a_cuda_device(capsys):
@@ -166,9 +164,7 @@ BENCH_BAD = [
 
 @pytest.mark.parametrize("argv, words", BENCH_BAD, ids=[" ".join(a) for a, _ in BENCH_BAD])
 def test_bench_bad_input_one_line_error_exit_2(argv, words, capsys):
-    r = call(bench.main, argv, capsys)
-    one_line(r, words=words)
-    assert r.out == ""
+    refused(bench.main, argv, capsys, words)
 
 
 def test_bench_ctrl_c_is_one_line_exit_130(capsys, monkeypatch):
@@ -212,9 +208,7 @@ def test_realdata_bad_input_one_line_error_exit_2(argv, words, capsys, monkeypat
     if not _corpora() and "--quick" in argv:
         pytest.skip("needs the fetched corpora (python -m finetune.data fetch)")
     monkeypatch.setattr(realdata, "load_domains", _no_embedding)
-    r = call(realdata.main, argv, capsys)
-    one_line(r, words=words)
-    assert r.out == ""
+    refused(realdata.main, argv, capsys, words)
 
 
 def _no_embedding(*a, **k):

@@ -220,21 +220,18 @@ def test_a_method_module_without_METHOD_raises(monkeypatch):
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_table_main_exits_2_with_one_error_line(args, match, capsys):
-    from clicheck import call, one_line
+    from clicheck import refused
 
     from theory.table import main
-    r = call(main, args, capsys)
-    one_line(r, words=match)
-    assert r.out == ""
+    refused(main, args, capsys, match)
 
 
 def test_table_json_into_a_folder_is_refused_before_anything_is_printed(tmp_path, capsys):
-    from clicheck import call, one_line
+    from clicheck import refused
 
     from theory.table import main
-    r = call(main, ["--json", tmp_path], capsys)
-    one_line(r, words="is a folder; give a file name")
-    assert r.out == "" and list(tmp_path.iterdir()) == []
+    refused(main, ["--json", tmp_path], capsys, "is a folder; give a file name")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_table_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
