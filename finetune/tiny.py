@@ -130,6 +130,8 @@ def load_deltas(path) -> dict[str, tuple[Tensor, Tensor]]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a deltas file")
     if not path.is_file():
         raise ValueError(f"deltas file not found: {path}")
     try:

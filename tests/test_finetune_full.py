@@ -256,6 +256,7 @@ FULL_BAD = [
     (["--summary", "nope.safetensors"], "deltas file not found: nope.safetensors"),
     (["--summary", "JUNK"], "is not a readable safetensors file"),
     (["--summary", "FOREIGN"], "holds no <layer>.delta tensors"),
+    (["--summary", "/"], "/ is a folder, not a deltas file"),
     (["--summary", "JUNK", "--steps", "5"], "--summary reads a file and trains nothing; --steps"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ]
