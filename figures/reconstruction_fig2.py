@@ -31,9 +31,16 @@ DEFAULT_RESULTS = Path("results/reconstruction/abba-fig2/results.json")
 
 
 def load_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return list(data["rows"] if isinstance(data, dict) else data)
+    """The rows of a sweep's ``results.json`` (a file that is not one: ValueError)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        rows = list(data["rows"] if isinstance(data, dict) else data)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a sweep's results.json ({type(e).__name__})") from None
+    if not all(isinstance(r, dict) and "target" in r and "method" in r for r in rows):
+        raise ValueError(f"{path} is not a sweep's results.json (rows without target/method)")
+    return rows
 
 
 def quick_rows() -> list[dict]:
@@ -64,7 +71,8 @@ def full_rows(folder: Path) -> list[dict]:
     return run_sweep(grid, folder, figure=False)["rows"]
 
 
-def make(out: Path, quick: bool = False, results: str | Path | None = None) -> list[Path]:
+def draw(quick: bool = False, results: str | Path | None = None):
+    """``(figure, data)``: data holds the sweep rows drawn and where they came from."""
     path = Path(results or os.environ.get("RECONSTRUCTION_FIG2_RESULTS") or DEFAULT_RESULTS)
     if path.is_dir():
         path = path / "results.json"
@@ -79,13 +87,9 @@ def make(out: Path, quick: bool = False, results: str | Path | None = None) -> l
         source = "sweep lora + abba"
     sizes = sorted({(r.get("m"), r.get("n")) for r in rows if r.get("m")})
     size = ", ".join(f"{m}×{n}" for m, n in sizes)
-    fig = plot_error_vs_rank(
-        rows, title=f"ABBA paper Fig. 2 reproduced ({size}; {source})")
-    return save(fig, out, "reconstruction_fig2")
+    fig = plot_error_vs_rank(rows, title=f"ABBA paper Fig. 2 reproduced ({size}; {source})")
+    return fig, {"rows": rows, "source": source}
 
 
-if __name__ == "__main__":
-    import sys
-
-    for p in make(Path(sys.argv[1] if len(sys.argv) > 1 else "figures/out"), quick=True):
-        print(p)
+def make(out: Path, quick: bool = False, results: str | Path | None = None) -> list[Path]:
+    return save(draw(quick, results)[0], out, "reconstruction_fig2")

@@ -29,18 +29,22 @@ def _boot_argmax(st: sim.TrialStats, grid: np.ndarray, reps: int, seed: int) -> 
     return float(np.std(picks, ddof=1))
 
 
-def make(out: Path, quick: bool = False) -> list[Path]:
+def draw(quick: bool = False):
+    """``(figure, data)``: data maps each p to its simulated ``(β, α* of the trial-averaged
+    curve, bootstrap s.e.)`` points and per-trial statistics (one per β), and the trial
+    counts."""
     import matplotlib.pyplot as plt
 
     betas = np.linspace(0, 1, 201)
     beta_sim = np.array([0.1, 0.4, 0.7, 0.9] if quick else [0.1, 0.3, 0.5, 0.7, 0.8, 0.9])
     trials = {2: 40, 20: 40, 200: 20, 2000: 0} if quick else {2: 400, 20: 400, 200: 200,
                                                              2000: 40}
+    points, all_stats = {}, {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p, color in zip(PS, ("C0", "C1", "C2", "C3")):
         s = BASE.replace(p=p)
         a_star = [theory.alpha_star(s.replace(beta=float(b))) for b in betas]
-        ax.plot(betas, a_star, color=color, label=f"p = {p}" + (
+        ax.plot(betas, a_star, color=color, gid=f"theory p={p}", label=f"p = {p}" + (
             f" (sim: {trials[p]} trials)" if trials[p] else " (theory only in quick mode)"))
         if not trials[p]:
             continue
@@ -51,7 +55,10 @@ def make(out: Path, quick: bool = False) -> list[Path]:
             grid = np.linspace(th - 2.0, th + 2.0, 801)
             ys.append(st.alpha_star_grid(grid))
             es.append(_boot_argmax(st, grid, 50 if quick else 200, seed=p))
-        ax.errorbar(beta_sim, ys, yerr=es, fmt="o", ms=4, color=color, capsize=2, lw=1)
+        eb = ax.errorbar(beta_sim, ys, yerr=es, fmt="o", ms=4, color=color, capsize=2, lw=1)
+        eb.lines[0].set_gid(f"simulation p={p}")
+        points[p] = (beta_sim, np.array(ys), np.array(es))
+        all_stats[p] = stats
     ax.set_xlabel("task similarity β")
     ax.set_ylabel("optimal α*")
     ax.set_ylim(-0.2, 5)
@@ -59,4 +66,8 @@ def make(out: Path, quick: bool = False) -> list[Path]:
                  "lines theory, markers simulation)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
-    return save(fig, out, "rmt_fig2")
+    return fig, {"points": points, "stats": all_stats, "trials": trials}
+
+
+def make(out: Path, quick: bool = False) -> list[Path]:
+    return save(draw(quick)[0], out, "rmt_fig2")

@@ -17,7 +17,9 @@ import numpy as np
 from figures.save import save
 
 
-def make(out: Path, quick: bool = False) -> list[Path]:
+def draw(quick: bool = False):
+    """``(figure, data)``: data holds the rows of :func:`rmt.realdata.run` drawn (one per
+    panel, in panel order) and the domains."""
     import matplotlib.pyplot as plt
 
     from rmt import realdata as rd
@@ -37,10 +39,11 @@ def make(out: Path, quick: bool = False) -> list[Path]:
         a = np.asarray(r["alphas"])
         view = (a >= -2) & (a <= 10)
         m, s = np.asarray(r["curve_mean"]), np.asarray(r["curve_se"])
+        tag = f"{r['source']}->{r['target']}"
         ax.fill_between(a[view], (m - s)[view], (m + s)[view], color="C0", alpha=0.25, lw=0)
-        ax.plot(a[view], m[view], color="C0", lw=1.5, label="measured")
+        ax.plot(a[view], m[view], color="C0", lw=1.5, label="measured", gid=f"measured {tag}")
         ax.plot(a[view], np.asarray(r["theory_curve_mean"])[view], "k--", lw=1,
-                label="theory (plug-in)")
+                label="theory (plug-in)", gid=f"theory {tag}")
         for x0, style in ((0.0, ":"), (1.0, "-")):
             ax.axvline(x0, color="0.6", ls=style, lw=0.8)
         ax.axvline(r["alpha_hat_median"], color="C3", lw=1.2, label="median α̂*")
@@ -55,4 +58,8 @@ def make(out: Path, quick: bool = False) -> list[Path]:
     fig.suptitle(f"α-LoRA transfer between VADER domains (MiniLM, p = 384, n = {n}, "
                  f"{repeats} draws)", fontsize=11)
     fig.tight_layout()
-    return save(fig, out, "rmt_realdata")
+    return fig, {"rows": rows, "domains": domains, "n": n, "repeats": repeats}
+
+
+def make(out: Path, quick: bool = False) -> list[Path]:
+    return save(draw(quick)[0], out, "rmt_realdata")

@@ -28,12 +28,15 @@ def _weights(p: int, rho: float, seed: int):
     return Wt, 1.5 * (rho * Wt + np.sqrt(1 - rho ** 2) * Wo)
 
 
-def make(out: Path, quick: bool = False) -> list[Path]:
+def draw(quick: bool = False):
+    """``(figure, data)``: data maps ``(p, n, ρ)`` to the simulation result drawn
+    (:class:`rmt.simulate.RegressionResult`) and its weights ``(W_t, W_s)``."""
     import matplotlib.pyplot as plt
 
     trials = 20 if quick else 200
     alpha = np.linspace(-1, 2, 301)
     alpha_sim = np.linspace(-1, 2, 13)
+    data = {}
     fig, axes = plt.subplots(1, len(CASES), figsize=(11, 4.2))
     for ax, (p, n) in zip(axes, CASES):
         for rho, color in zip(RHOS, ("C0", "C1")):
@@ -45,10 +48,14 @@ def make(out: Path, quick: bool = False) -> list[Path]:
             a_star = theory.regression_alpha_star(**kw)
             r = sim.simulate_regression(Wt, Ws, n, GAMMA, alpha_sim, noise_var=NOISE,
                                         trials=trials, seed=p)
-            ax.plot(alpha, risk, color=color, label=f"ρ = {rho}: α* = {a_star:.2f}")
-            ax.errorbar(alpha_sim, r.risk, yerr=r.risk_se, fmt="o", ms=3.5, color=color,
-                        capsize=2, lw=1)
-            ax.axvline(a_star, color=color, ls=":", lw=1)
+            tag = f"p={p} n={n} ρ={rho}"
+            ax.plot(alpha, risk, color=color, label=f"ρ = {rho}: α* = {a_star:.2f}",
+                    gid=f"theory {tag}")
+            eb = ax.errorbar(alpha_sim, r.risk, yerr=r.risk_se, fmt="o", ms=3.5, color=color,
+                             capsize=2, lw=1)
+            eb.lines[0].set_gid(f"simulation {tag}")
+            ax.axvline(a_star, color=color, ls=":", lw=1, gid=f"alpha* {tag}")
+            data[(p, n, rho)] = (r, Wt, Ws)
         ax.set_title(f"p = {p}, n = {n}, k = {K}, γ = {GAMMA}, noise {NOISE} "
                      f"({trials} trials)", fontsize=9)
         ax.set_xlabel("α")
@@ -57,4 +64,8 @@ def make(out: Path, quick: bool = False) -> list[Path]:
         ax.grid(alpha=0.3)
     fig.suptitle("α-fine-tuned ridge regression: risk vs α (lines theory, markers simulation)",
                  fontsize=10)
-    return save(fig, out, "rmt_regression")
+    return fig, {"cases": data, "trials": trials, "alpha_sim": alpha_sim}
+
+
+def make(out: Path, quick: bool = False) -> list[Path]:
+    return save(draw(quick)[0], out, "rmt_regression")

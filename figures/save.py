@@ -1,9 +1,8 @@
-"""Save a matplotlib figure as PNG and PDF, atomically (write to a temp file, rename)."""
+"""Save a matplotlib figure as PNG and PDF, each written atomically (:func:`cli.atomic_path`:
+a temporary file beside the destination, renamed into place), then close it."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -11,21 +10,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import cli  # noqa: E402
+
 
 def save(fig, out: Path, stem: str, dpi: int = 150) -> list[Path]:
+    """``<out>/<stem>.png`` and ``<out>/<stem>.pdf``; the figure is closed even on failure."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ext in ("png", "pdf"):
-        final = out / f"{stem}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{stem}.", suffix=f".{ext}")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        paths.append(final)
-    plt.close(fig)
+    try:
+        for ext in ("png", "pdf"):
+            with cli.atomic_path(out / f"{stem}.{ext}") as tmp:
+                fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext)
+            paths.append(out / f"{stem}.{ext}")
+    finally:
+        plt.close(fig)
     return paths

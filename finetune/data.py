@@ -35,7 +35,6 @@ scikit-learn's bundled 8x8 digits (pre-train on digits 0-7, fine-tune on 8-9).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import io
@@ -47,6 +46,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+import cli
 
 VADER_VERSION = "3.3.2"
 TARBALL = f"vaderSentiment-{VADER_VERSION}.tar.gz"
@@ -90,7 +91,8 @@ def fetch(dest: Path | None = None, quiet: bool = False) -> Path:
     """Download the ``vaderSentiment==3.3.2`` sdist into ``dest`` (default :func:`data_dir`).
 
     Uses pip's own client (``pip download --no-deps --no-binary :all:``), then checks
-    the file's SHA-256. Does nothing if a verified copy is already there.
+    the file's SHA-256. Does nothing if a verified copy is already there. A failed
+    download is an ``OSError``, a file with another checksum a ``ValueError``.
     """
     dest = Path(dest) if dest is not None else data_dir()
     dest.mkdir(parents=True, exist_ok=True)
@@ -102,13 +104,17 @@ def fetch(dest: Path | None = None, quiet: bool = False) -> Path:
                f"vaderSentiment=={VADER_VERSION}", "-d", tmp]
         if quiet:
             cmd.append("-q")
-        subprocess.run(cmd, check=True)
+        try:
+            subprocess.run(cmd, check=True)
+        except subprocess.CalledProcessError as e:
+            raise OSError(f"`pip download vaderSentiment=={VADER_VERSION}` failed (exit "
+                          f"{e.returncode}); is the package index reachable?") from None
         got = Path(tmp) / TARBALL
         if not got.is_file():
-            raise RuntimeError(f"pip download did not produce {TARBALL} in {tmp}")
+            raise OSError(f"pip download did not produce {TARBALL} in {tmp}")
         digest = _sha256(got)
         if digest != TARBALL_SHA256:
-            raise RuntimeError(f"{TARBALL}: sha256 {digest} != expected {TARBALL_SHA256}")
+            raise ValueError(f"{TARBALL}: sha256 {digest} != expected {TARBALL_SHA256}")
         os.replace(got, final)
     return final
 
@@ -121,14 +127,18 @@ def _inner_files() -> dict[str, bytes]:
         raise FileNotFoundError(
             f"corpus tarball {path} not found; fetch it once with `{FETCH_COMMAND}` "
             "(set PEFT_EXPRESSIVITY_DATA to choose the directory)")
-    with tarfile.open(path) as outer:
-        inner_bytes = outer.extractfile(_INNER).read()
     out = {}
-    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        for m in inner.getmembers():
-            if m.isfile() and m.name.endswith("_GroundTruth.txt"):
-                out[Path(m.name).name.removesuffix("_GroundTruth.txt")] = (
-                    inner.extractfile(m).read())
+    try:
+        with tarfile.open(path) as outer:
+            inner_bytes = outer.extractfile(_INNER).read()
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            for m in inner.getmembers():
+                if m.isfile() and m.name.endswith("_GroundTruth.txt"):
+                    out[Path(m.name).name.removesuffix("_GroundTruth.txt")] = (
+                        inner.extractfile(m).read())
+    except (tarfile.TarError, KeyError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not the vaderSentiment {VADER_VERSION} sdist "
+                         f"({type(e).__name__}); delete it and run `{FETCH_COMMAND}`") from None
     return out
 
 
@@ -214,31 +224,34 @@ def load_digits_transfer(seed: int = 0, test_fraction: float = 0.5) -> dict[str,
             "x_test": x[test], "y_test": y[test]}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m finetune.data",
-        description="Fetch (once) or summarize the offline VADER sentiment corpora.")
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(prog="python -m finetune.data",
+                    description="Fetch (once) or summarize the offline VADER sentiment corpora.")
     sub = ap.add_subparsers(dest="cmd")
     f = sub.add_parser("fetch", help="download the vaderSentiment sdist into the data dir")
     f.add_argument("--dest", type=Path, default=None, help="default: $PEFT_EXPRESSIVITY_DATA "
                    "or ~/.cache/peft-expressivity")
     f.add_argument("-q", "--quiet", action="store_true")
     sub.add_parser("info", help="print the corpora found and their sizes (default)")
-    args = ap.parse_args(argv)
-    try:
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def work():
         if args.cmd == "fetch":
+            cli.check_writable_dir(args.dest if args.dest is not None else data_dir(), "--dest")
             print(fetch(args.dest, quiet=args.quiet))
-            return 0
+            return
         print(f"data dir: {data_dir()}")
         for name, (stem, published) in CORPORA.items():
             _, scores = load_corpus(name)
             keep, y = binary_labels(scores)
             print(f"{name:7s} {stem:22s} {len(scores):6d} items (published {published}); "
                   f"binary {len(keep)}: {int((y > 0).sum())} pos / {int((y < 0).sum())} neg")
-        return 0
-    except (FileNotFoundError, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return cli.run(work, interrupted="nothing was saved (a download in progress is discarded)")
 
 
 if __name__ == "__main__":

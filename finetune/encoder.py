@@ -24,10 +24,11 @@ import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+import cli
 
 DIM = 384
 MAX_LENGTH = 256
@@ -85,19 +86,6 @@ def _cache_path(key: str, cache_dir: Path | None) -> Path:
     return Path(cache_dir) / f"minilm-{key}.npy"
 
 
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def embed(texts, batch_size: int = 64, device: str = "cpu", *, cache: bool = True,
           cache_dir: Path | None = None, max_length: int = MAX_LENGTH,
           progress: bool | None = None) -> np.ndarray:
@@ -118,8 +106,11 @@ def embed(texts, batch_size: int = 64, device: str = "cpu", *, cache: bool = Tru
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = _cache_path(cache_key(texts, max_length), cache_dir) if cache else None
     if path is not None and path.is_file():
-        arr = np.load(path)
-        if arr.shape == (len(texts), DIM):
+        try:
+            arr = np.load(path)
+        except (OSError, ValueError):  # a damaged cache file: embed again, overwrite it
+            arr = None
+        if arr is not None and arr.shape == (len(texts), DIM) and np.isfinite(arr).all():
             return arr
 
     import torch
@@ -143,7 +134,8 @@ def embed(texts, batch_size: int = 64, device: str = "cpu", *, cache: bool = Tru
             e = torch.nn.functional.normalize(e, dim=-1)
             out[idx] = e.float().cpu().numpy()
     if path is not None:
-        _atomic_save(path, out)
+        with cli.atomic_path(path) as tmp:
+            np.save(tmp, out)
     return out
 
 

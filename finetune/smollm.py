@@ -25,12 +25,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+import cli
+from finetune.guard import check_loss
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
@@ -140,10 +142,14 @@ def full_finetune_deltas(texts: list[str], steps: int = 10, *, lr: float = 1e-5,
     Batches are random windows of ``seq_len`` tokens of the concatenated texts
     (seeded). About 1-3 s per step of batch 4 x 64 tokens on a 2-core CPU.
     """
+    import math
+
     import numpy as np
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
     model, tok = load_smollm(device)
     w0 = linear_weights(model, include)
     ids = tok("\n".join(texts), return_tensors="pt")["input_ids"][0]  # (T,)
@@ -152,10 +158,11 @@ def full_finetune_deltas(texts: list[str], steps: int = 10, *, lr: float = 1e-5,
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         starts = rng.integers(0, len(ids) - seq_len - 1, size=batch)
         x = torch.stack([ids[s:s + seq_len] for s in starts]).to(device)  # (batch, seq_len)
         loss = model(input_ids=x, labels=x).loss
+        check_loss(loss.item(), step + 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -169,43 +176,48 @@ def save_weights(weights: dict, path) -> Path:
     ``<layer>.w0`` (the :mod:`finetune.tiny` convention), atomically."""
     from finetune.tiny import save_deltas
 
+    meta = {"model": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)"}
     if all(torch.is_tensor(v) for v in weights.values()):
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({f"{k}.w0": v.contiguous() for k, v in weights.items()}, tmp,
-                      metadata={"model": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)"})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
-    return save_deltas(weights, path,
-                       metadata={"model": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)"})
+        with cli.atomic_path(path) as tmp:
+            save_file({f"{k}.w0": v.contiguous() for k, v in weights.items()}, str(tmp),
+                      metadata=meta)
+        return Path(path)
+    return save_deltas(weights, path, metadata=meta)
+
+
+#: float32 checkpoint (540 MB) plus the dequantization's copies while building it
+MEMORY = 3 * 540 * 2**20
+
+
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(prog="python -m finetune.smollm",
+                    description="Cache SmolLM2-135M (float32) and save its W0.")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write every decoder linear W0 as <layer>.w0 to this .safetensors")
+    ap.add_argument("--include", type=cli.str_list, default=None, metavar="A,B",
+                    help="keep only layers whose name contains one of these (e.g. q_proj,v_proj)")
+    return ap
 
 
 def main(argv=None) -> int:
-    import argparse
+    args = build_parser().parse_args(argv)
 
-    ap = argparse.ArgumentParser(prog="python -m finetune.smollm",
-                                 description="Cache SmolLM2-135M (float32) and save its W0.")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="write every decoder linear W0 as <layer>.w0 to this .safetensors")
-    ap.add_argument("--include", nargs="*", default=None, help="layer-name substrings to keep")
-    args = ap.parse_args(argv)
-    try:
+    def work():
+        cli.check_writable_file(args.out, "--out")
+        gguf_dir()  # installed? (one line naming the pip command when not)
+        cli.check_memory(MEMORY, "SmolLM2-135M in float32", "cpu")
         w = smollm_w0(args.include)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(w)} linear layers cached in {cache_dir()}")
-    if args.out:
-        print(f"saved {save_weights(w, args.out)}")
-    return 0
+        if not w:
+            raise cli.UsageError(f"--include {','.join(args.include)} matches no decoder "
+                                 "layer (names like model.layers.0.self_attn.q_proj)")
+        print(f"{len(w)} linear layers cached in {cache_dir()}")
+        if args.out:
+            print(f"saved {save_weights(w, args.out)}")
+
+    return cli.run(work, interrupted="nothing was saved (the float32 cache is written "
+                                     "atomically: rerun to build it)")
 
 
 if __name__ == "__main__":

@@ -29,16 +29,15 @@ The corpora come from :mod:`finetune.data` (fetch them once with
 
 from __future__ import annotations
 
-import argparse
-import os
 import string
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+import cli
+from finetune.guard import check_loss
 
 VOCAB = ["<unk>", "\n"] + list(string.printable[:95])  # 97 tokens, index 0 = unknown
 _STOI = {c: i for i, c in enumerate(VOCAB)}
@@ -85,14 +84,14 @@ def _train(model, ids: np.ndarray, steps: int, lr: float, batch: int,
     data = torch.from_numpy(ids)
     losses = []
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         starts = torch.from_numpy(rng.integers(0, len(ids) - BLOCK - 1, size=batch))
         x = torch.stack([data[s:s + BLOCK] for s in starts])  # (batch, BLOCK)
         loss = model(input_ids=x, labels=x).loss
+        losses.append(check_loss(loss.item(), step + 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
     model.eval()
     return losses
 
@@ -104,33 +103,61 @@ def _default_texts(pretrain: str, finetune: str) -> tuple[str, str]:
 
 
 def save_deltas(deltas: dict[str, tuple[Tensor, Tensor]], path, metadata=None) -> Path:
-    """Write ``{layer: (delta, w0)}`` as ``<layer>.delta`` / ``<layer>.w0``, atomically."""
+    """Write ``{layer: (delta, w0)}`` as ``<layer>.delta`` / ``<layer>.w0``, atomically
+    (:func:`cli.atomic_path`). A tensor with NaN or inf is refused (ValueError naming the
+    layer): such a file would look like a result."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, (d, w0) in deltas.items():
-        tensors[f"{name}.delta"] = d.detach().float().contiguous().cpu()
-        tensors[f"{name}.w0"] = w0.detach().float().contiguous().cpu()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for kind, t in (("delta", d), ("w0", w0)):
+            t = t.detach().float().contiguous().cpu()
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name}.{kind} holds NaN or inf values; not saved to {path}")
+            tensors[f"{name}.{kind}"] = t
+    with cli.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path
 
 
 def load_deltas(path) -> dict[str, tuple[Tensor, Tensor]]:
-    """Read a file written by :func:`save_deltas` back into ``{layer: (delta, w0)}``."""
+    """Read a file written by :func:`save_deltas` back into ``{layer: (delta, w0)}``.
+
+    A missing, corrupt or foreign file (not safetensors, no ``<layer>.delta`` tensor, a
+    ``.delta`` without its ``.w0``) is a one-line ValueError naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    t = load_file(str(path))
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a deltas file")
+    if not path.is_file():
+        raise ValueError(f"deltas file not found: {path}")
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not a readable safetensors file ({first})") from None
     names = sorted(k[: -len(".delta")] for k in t if k.endswith(".delta"))
+    if not names:
+        raise ValueError(f"{path} holds no <layer>.delta tensors (not a deltas file)")
+    missing = [n for n in names if f"{n}.w0" not in t]
+    if missing:
+        raise ValueError(f"{path}: {missing[0]}.delta has no {missing[0]}.w0 beside it")
     return {n: (t[f"{n}.delta"], t[f"{n}.w0"]) for n in names}
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The string metadata of a safetensors file (ValueError naming a bad file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not a readable safetensors file ({first})") from None
 
 
 def tiny_gpt2_deltas(seed: int = 0, steps: int = 50, out_path=None, *,
@@ -155,6 +182,13 @@ def tiny_gpt2_deltas(seed: int = 0, steps: int = 50, out_path=None, *,
     pretrain_steps = 2 * steps if pretrain_steps is None else pretrain_steps
     if pretrain_steps < 0:
         raise ValueError(f"pretrain_steps must be >= 0, got {pretrain_steps}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    for what, lr in (("lr_pretrain", lr_pretrain), ("lr_finetune", lr_finetune)):
+        if not (np.isfinite(lr) and lr > 0):
+            raise ValueError(f"{what} must be a finite number > 0, got {lr}")
+    if out_path is not None:
+        cli.check_writable_file(out_path, "out_path")
     if texts is None:
         text_pre, text_ft = _default_texts(*corpora)
         source = f"vader:{corpora[0]}->{corpora[1]}"
@@ -186,29 +220,45 @@ def tiny_gpt2_deltas(seed: int = 0, steps: int = 50, out_path=None, *,
     return deltas
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m finetune.tiny",
-                                 description="Tiny GPT-2: pre-train, fine-tune, save per-layer ΔW.")
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(prog="python -m finetune.tiny",
+                    description="Tiny GPT-2: pre-train, fine-tune, save per-layer ΔW.")
     ap.add_argument("--out", type=Path, default=Path("results/tiny_gpt2_deltas.safetensors"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--pretrain-steps", type=int, default=None)
-    args = ap.parse_args(argv)
-    try:
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
+    ap.add_argument("--steps", type=cli.positive_int, default=50, help="fine-tuning steps")
+    ap.add_argument("--pretrain-steps", type=cli.nonneg_int, default=None,
+                    help="pre-training steps (default 2 x --steps)")
+    ap.add_argument("--batch", type=cli.positive_int, default=16)
+    ap.add_argument("--lr-pretrain", type=cli.positive_float, default=3e-3)
+    ap.add_argument("--lr-finetune", type=cli.positive_float, default=1e-3)
+    ap.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def work():
+        cli.check_writable_file(args.out, "--out")
+        cli.check_threads(args.threads)
+        cli.check_memory(4 * args.batch * BLOCK * (N_LAYER * (16 * N_EMBD + 4 * N_HEAD * BLOCK)
+                                                   + 2 * len(VOCAB)),
+                         f"--batch {args.batch}", "cpu", "lower --batch")
         deltas, losses = tiny_gpt2_deltas(args.seed, args.steps, args.out,
-                                          pretrain_steps=args.pretrain_steps, return_losses=True)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    lp, lf = losses["pretrain"], losses["finetune"]
-    if lp:
-        print(f"pretrain loss {lp[0]:.3f} -> {lp[-1]:.3f}")
-    print(f"finetune loss {lf[0]:.3f} -> {lf[-1]:.3f}")
-    for name, (d, w0) in deltas.items():
-        rel = float(d.norm() / w0.norm())
-        print(f"{name:28s} {tuple(d.shape)!s:11s} |dW|/|W0| = {rel:.4f}")
-    print(f"saved {args.out}")
-    return 0
+                                          pretrain_steps=args.pretrain_steps, batch=args.batch,
+                                          lr_pretrain=args.lr_pretrain,
+                                          lr_finetune=args.lr_finetune, return_losses=True,
+                                          threads=args.threads)
+        lp, lf = losses["pretrain"], losses["finetune"]
+        if lp:
+            print(f"pretrain loss {lp[0]:.3f} -> {lp[-1]:.3f}")
+        print(f"finetune loss {lf[0]:.3f} -> {lf[-1]:.3f}")
+        for name, (d, w0) in deltas.items():
+            rel = float(d.norm() / w0.norm())
+            print(f"{name:28s} {tuple(d.shape)!s:11s} |dW|/|W0| = {rel:.4f}")
+        print(f"saved {args.out}")
+
+    return cli.run(work, interrupted="nothing was saved (the deltas are written at the end)")
 
 
 if __name__ == "__main__":

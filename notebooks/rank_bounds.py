@@ -1,8 +1,16 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
+#       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]
@@ -63,6 +71,7 @@ print(f"{'r1':>3} {'r2':>3} {'rank X⊙Y':>9} {'bound min(r1 r2, 64)':>21}")
 for r1, r2 in [(1, 1), (2, 3), (4, 4), (5, 7), (8, 8), (9, 9)]:
     X, Y = low_rank(m, n, r1, seed=r1), low_rank(m, n, r2, seed=100 + r2)
     print(f"{r1:>3} {r2:>3} {rank(X * Y):>9} {min(r1 * r2, m, n):>21}")
+    assert rank(X * Y) == min(r1 * r2, m, n)  # the bound, attained
 
 # %% [markdown]
 # The identity itself, checked numerically: the Hadamard product of two low-rank products
@@ -74,7 +83,9 @@ B1, A1 = torch.randn(m, 3, generator=g, dtype=DTYPE), torch.randn(3, n, generato
 B2, A2 = torch.randn(m, 4, generator=g, dtype=DTYPE), torch.randn(4, n, generator=g, dtype=DTYPE)
 L, R = hadamard_lowrank_factors(B1, A1, B2, A2)  # (m, 12), (n, 12)
 print("L:", tuple(L.shape), " R:", tuple(R.shape))
-print("max |(B1A1)⊙(B2A2) − L Rᵀ| =", float(((B1 @ A1) * (B2 @ A2) - L @ R.mT).abs().max()))
+gap = float(((B1 @ A1) * (B2 @ A2) - L @ R.mT).abs().max())
+print("max |(B1A1)⊙(B2A2) − L Rᵀ| =", gap)
+assert L.shape == (m, 12) and R.shape == (n, 12) and gap < 1e-10
 
 # %% [markdown]
 # ## 2. The trap: $X \odot X$ has rank at most $r(r+1)/2$, not $r^2$
@@ -89,6 +100,7 @@ print(f"{'r':>3} {'rank X⊙X':>9} {'r(r+1)/2':>9} {'rank X⊙Y':>9} {'r²':>5}"
 for r in range(1, 9):
     X, Y = low_rank(m, n, r, seed=r), low_rank(m, n, r, seed=50 + r)
     print(f"{r:>3} {rank(X * X):>9} {r * (r + 1) // 2:>9} {rank(X * Y):>9} {min(r * r, m):>5}")
+    assert rank(X * X) == r * (r + 1) // 2 and rank(X * Y) == min(r * r, m)
 
 # %% [markdown]
 # ## 3. Every method at the budget of rank-16 LoRA, on a 4096 x 4096 weight
@@ -100,6 +112,10 @@ for r in range(1, 9):
 # %%
 rows = budget_table(4096, 4096, 16)
 print(format_table(rows, 4096, 4096, 16))
+budget = 16 * (4096 + 4096)
+bound = {row["method"]: row["rank_bound"] for row in rows}
+assert all(row["n_params"] <= budget for row in rows if row["n_params"] is not None)
+assert bound["lora"] == 16 and bound["abba"] == 8 * 8 and bound["hira"] == 4096
 
 # %% [markdown]
 # The bounds assume a full-rank $W_0$. Methods that modulate $W_0$ (HiRA, SMoA, HUT) inherit
@@ -109,6 +125,8 @@ print(format_table(rows, 4096, 4096, 16))
 for row in budget_table(4096, 4096, 16, rank_w0=64):
     if row["method"] in ("hira", "smoa", "hut", "pmss", "dora", "alpha_lora"):
         print(f"{row['method']:<11} rank bound {row['rank_bound']:>5} with rank W0 = 64")
+    if row["method"] in ("hira", "smoa", "hut"):  # they inherit the rank of W0
+        assert row["rank_bound"] < bound[row["method"]]
 
 # %% [markdown]
 # ## 4. Measured rank against budget
@@ -148,6 +166,11 @@ plt.show()
 # %%
 for label, ranks in curves.items():
     print(f"{label:<21}", ranks)
+# every measured rank is its bound: r, min(r²/4, 96), min(r · rank W0, 96)
+assert curves["lora"] == budgets
+assert curves["abba"] == [min((r // 2) ** 2, m) for r in budgets]
+assert curves["hira (full-rank W0)"] == [m] * len(budgets)
+assert curves["hira (rank-4 W0)"] == [min(4 * r, m) for r in budgets]
 
 # %% [markdown]
 # ## 5. Rank is not reach
@@ -156,3 +179,10 @@ for label, ranks in curves.items():
 # $(B_1, A_1, B_2, A_2)\mapsto (B_1A_1)\odot(B_2A_2)$ is a thin set of dimension at most
 # $(r_1+r_2)(m+n)$, far below $mn$. Compare methods by the *error* they reach on a target
 # (`python -m reconstruction.run`), and use the rank bound only as a ceiling.
+
+# %%
+abba = theory.get_method("abba")
+cfg = abba.config_for_rank(m, n, 16)  # r1 = r2 = 8: rank up to 64 ...
+print(f"ABBA {cfg}: rank bound {abba.rank_bound(m, n, m, cfg)}, at most "
+      f"{abba.n_params(m, n, cfg):,} free parameters for the {m * n:,} entries of a {m}x{n} matrix")
+assert abba.rank_bound(m, n, m, cfg) == 64 and abba.n_params(m, n, cfg) < m * n / 2

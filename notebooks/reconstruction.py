@@ -1,8 +1,16 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
+#       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]
@@ -61,6 +69,8 @@ ax.set_ylabel("σ_k / σ_1")
 ax.legend()
 ax.set_title("singular spectra of the targets")
 plt.show()
+s = torch.linalg.svdvals(targets["random"].M[0].double())
+assert s[0] > 5 * s[1] and s[1] < 1.5 * s[4]  # one large value (the mean), then a flat bulk
 
 # %% [markdown]
 # ## One fit
@@ -79,6 +89,9 @@ for name in ("lora", "abba", "hira"):
     print(f"{name:5s} {str(cfg):22s} params {m.n_params(SIZE, SIZE, cfg):5d}  "
           f"rank bound {m.rank_bound(SIZE, SIZE, SIZE, cfg):3d}  error {float(res.rel_error[0]):.4f} "
           f"({res.solver})")
+    assert m.n_params(SIZE, SIZE, cfg) <= r * (SIZE + SIZE) and 0 < res.rel_error[0] < 1
+    if name == "lora":  # the SVD fit is the Eckart-Young optimum
+        assert abs(float(res.rel_error[0]) - float(F.lora_optimum(M.double(), r)[0])) < 1e-5
 print(f"LoRA exact (Eckart–Young): {float(F.lora_optimum(M.double(), r)[0]):.4f}")
 
 # %% [markdown]
@@ -112,6 +125,14 @@ axes[0].set_ylabel("relative error")
 axes[-1].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
+for tname, c in curves.items():
+    lora_e = c["LoRA (exact SVD)"]
+    assert all(a > b for a, b in zip(lora_e, lora_e[1:])), tname  # more budget, less error
+    # twice the parameters never hurt ABBA
+    assert all(d <= e + 1e-3 for d, e in zip(c["ABBA r1=r2=r (2× budget)"], c["ABBA r1=r2=r/2"]))
+# high rank is not small error: HiRA (rank up to 64 at r = 8) loses to rank-r LoRA on the
+# random target at every budget
+assert all(h > lo for h, lo in zip(curves["random"]["HiRA"], curves["random"]["LoRA (exact SVD)"]))
 
 # %% [markdown]
 # ## What the fitted updates look like
@@ -131,6 +152,13 @@ for name in ("lora", "abba", "hira"):
     res = fit(name, t.M, cfg, w0)
     s = torch.linalg.svdvals(res.delta[0].double()).clamp_min(1e-12)
     ax.semilogy(s, ".-", ms=3, label=f"{name} ΔW (e = {float(res.rel_error[0]):.3f})")
+    n_rank = int((s > s[0] * SIZE * 1e-6).sum())  # float32 fits: a float32-level threshold
+    if name == "lora":  # the target's top 8 singular values, exactly, and nothing else
+        torch.testing.assert_close(s[:r], torch.linalg.svdvals(t.M[0].double())[:r],
+                                   rtol=1e-4, atol=0)
+        assert n_rank == r
+    else:
+        assert n_rank <= 16 if name == "abba" else n_rank == SIZE, (name, n_rank)
 ax.set_ylim(1e-4, None)
 ax.set_xlabel("k")
 ax.set_ylabel("σ_k")
@@ -146,12 +174,17 @@ plt.show()
 # %%
 from theory import spectra  # noqa: E402
 
+ranks_errors = {}
 for name in ("lora", "abba", "hira"):
     cfg = theory.get_method(name).config_for_rank(SIZE, SIZE, r)
     res = fit(name, t.M, cfg, w0)
     s = spectra.summary(res.delta)
     print(f"{name:5s} numerical rank {int(s['numerical_rank'][0]):3d}  "
           f"entropy rank {float(s['entropy_rank'][0]):6.1f}  error {float(res.rel_error[0]):.4f}")
+    ranks_errors[name] = (float(s["entropy_rank"][0]), float(res.rel_error[0]))
+# HiRA: by far the largest effective rank, and the largest error
+assert max(ranks_errors, key=lambda k: ranks_errors[k][0]) == "hira"
+assert max(ranks_errors, key=lambda k: ranks_errors[k][1]) == "hira"
 
 # %% [markdown]
 # The same comparison from the command line, for any method of the registry:

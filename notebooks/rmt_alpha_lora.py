@@ -1,8 +1,16 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
+#       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]
@@ -111,6 +119,8 @@ plt.ylabel("δ")
 plt.legend()
 plt.title(f"p={p}, n={n}")
 plt.show()
+# one draw of a 300 x 150 noise matrix already sits on the limit
+np.testing.assert_allclose(emp, theory.delta(p / n, gammas), rtol=0.05)
 
 # %% [markdown]
 # ## 4. Source norm: eq. (7) against simulation
@@ -142,6 +152,11 @@ for s in (Setting(5000, 40, 1000, 0.8, 0.8, 0.5, 5.0, 0.1),
     print(f"p={s.p:5d} N={s.N:5d} γ̃={s.gamma_src}:  -C'(γ̃) = {theory.source_stats(s)['w_norm2']:.5f}"
           f"   eq.(7) = {theory.design_w_norm2(s):.5f}   simulated = {st.w_norm2.mean():.5f}"
           f" ± {se:.5f}   reference-code term = {reference_code_w_norm2(s):.5f}")
+    limit = theory.source_stats(s)["w_norm2"]
+    assert abs(limit - theory.design_w_norm2(s)) <= 1e-10 * limit  # the two forms agree
+    assert abs(st.w_norm2.mean() - limit) <= 4 * se + 0.02 * limit  # and match simulation
+ref = reference_code_w_norm2(s)  # the last setting: η̃ = 1, small ridge
+assert abs(ref - limit) > 0.2 * limit  # there the reference code's term is far off
 
 # %% [markdown]
 # ## 5. Accuracy against α (the paper's Figure 1 setting)
@@ -156,14 +171,19 @@ betas = (0.2, 0.5, 0.9)
 alpha = np.linspace(-10, 10, 401)
 alpha_sim = np.linspace(-10, 10, 11)
 stats = sim.simulate_stats_betas(base, betas, trials=10, seed=0)
+published = {0.2: 1.64, 0.5: 4.1, 0.9: 7.5}  # the paper's α*, read off its Figure 1
+
 plt.figure(figsize=(6.5, 4))
 for beta, st, c in zip(betas, stats, ("C0", "C1", "C2")):
     s = base.replace(beta=beta)
     a_star = theory.alpha_star(s)
     plt.plot(alpha, theory.accuracy(s, alpha), c, label=f"β={beta}: α*={a_star:.2f}")
     acc = st.accuracy(alpha_sim)
-    plt.errorbar(alpha_sim, acc.mean(0), acc.std(0, ddof=1) / np.sqrt(acc.shape[0]),
-                 fmt="o", color=c, ms=3, capsize=2)
+    se = acc.std(0, ddof=1) / np.sqrt(acc.shape[0])
+    plt.errorbar(alpha_sim, acc.mean(0), se, fmt="o", color=c, ms=3, capsize=2)
+    # theory within Monte Carlo error (3 s.e., plus 0.01 for the finite size), α* as published
+    assert (np.abs(acc.mean(0) - theory.accuracy(s, alpha_sim)) <= 3 * se + 0.01).all(), beta
+    assert abs(a_star - published[beta]) <= 0.02 * published[beta], (beta, a_star)
     plt.plot(a_star, theory.accuracy(s, a_star), "*", color=c, ms=12, mec="k")
 plt.axhline(0.5, color="gray", lw=0.5)
 plt.xlabel("α")
@@ -187,6 +207,10 @@ for cls, c in ((1, "C0"), (-1, "C3")):
 plt.xlabel("g = w_αᵀx")
 plt.title(f"α = α* = {a:.2f}: histograms vs N(±m, σ²)")
 plt.show()
+yg = g_ * y_  # (trials, n_test): the score times the label, N(m, σ²) in the limit
+print(f"mean of y·g {yg.mean():.4f} (theory {float(m):.4f}), variance {yg.var():.4f} "
+      f"(theory {float(v):.4f})")
+assert abs(yg.mean() - m) < 0.1 * m and abs(yg.var() - v) < 0.1 * v
 
 # %% [markdown]
 # ## 7. α* against the task similarity β (Figure 2 setting, small p for speed)
@@ -203,7 +227,9 @@ for p, c in ((20, "C1"), (200, "C2"), (2000, "C3")):
         bs = np.array([0.2, 0.5, 0.8])
         for b, st in zip(bs, sim.simulate_stats_betas(s, bs, trials=60, seed=p)):
             th = theory.alpha_star(s.replace(beta=b))
-            plt.plot(b, st.alpha_star_grid(np.linspace(th - 2, th + 2, 801)), "o", color=c)
+            found = st.alpha_star_grid(np.linspace(th - 2, th + 2, 801))
+            plt.plot(b, found, "o", color=c)
+            assert abs(found - th) < 0.35 + 0.15 * th, (p, b, found, th)
 plt.xlabel("β")
 plt.ylabel("α*")
 plt.ylim(0, 4.5)
@@ -234,6 +260,8 @@ plt.xlabel("α")
 plt.ylabel("accuracy")
 plt.legend()
 plt.show()
+gap = np.abs(r.accuracy - theory.fixed_source_accuracy(al, **kw))
+assert (gap <= 3 * r.accuracy_se + 0.01).all(), gap.max()
 
 # %% [markdown]
 # ## 9. Regression: risk against α, eq. (8)
@@ -255,3 +283,8 @@ plt.xlabel("α")
 plt.ylabel("test risk")
 plt.legend(fontsize=8)
 plt.show()
+th = theory.regression_risk(al, p=p, n=n, gamma=0.5, noise_var=0.2, k=k, **kw)
+assert (np.abs(rr.risk - th) <= 4 * rr.risk_se + 0.03 * th).all()
+fine = np.linspace(-1, 2.5, 3501)  # α* = ⟨W_t, W_s⟩/‖W_s‖² minimises the risk
+risk = theory.regression_risk(fine, p=p, n=n, gamma=0.5, noise_var=0.2, k=k, **kw)
+assert abs(fine[np.argmin(risk)] - theory.regression_alpha_star(**kw)) < 2e-3

@@ -69,17 +69,14 @@ what CI runs. The full run embeds all 23,703 snippets once (cached).
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
-import os
 import sys
-import tempfile
 import zlib
-from pathlib import Path
 
 import numpy as np
+
+import cli
 
 DOMAINS = ("amazon", "movie", "nyt", "tweets")
 PREPS = ("target-whiten", "whiten", "standardize", "none")
@@ -98,6 +95,28 @@ def balance(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
                                    rng.choice(neg, k, replace=False)]))
 
 
+def _select(name: str, max_items: int | None, seed: int):
+    """``(texts, idx, y)``: the snippets of corpus ``name`` kept for the domain (seeded
+    subsample of ``max_items``, near-neutral dropped, class-balanced), their labels ±1."""
+    from finetune.data import binary_labels, load_corpus
+
+    i = zlib.crc32(name.encode())  # per-corpus seed: the same subsample in any call
+    texts, scores = load_corpus(name)
+    idx = np.arange(len(texts))
+    if max_items is not None and max_items < len(texts):
+        idx = np.sort(np.random.default_rng([seed, i, 1]).choice(len(texts), max_items,
+                                                                replace=False))
+    keep, y = binary_labels(scores[idx], neutral=NEUTRAL)
+    idx = idx[keep]
+    b = balance(y, np.random.default_rng([seed, i, 2]))
+    return texts, idx, y, b
+
+
+def domain_sizes(names=DOMAINS, *, max_items: int | None = None, seed: int = 0) -> dict[str, int]:
+    """Items per balanced domain (what :func:`load_domains` returns), without embedding."""
+    return {name: len(_select(name, max_items, seed)[3]) for name in names}
+
+
 def load_domains(names=DOMAINS, *, max_items: int | None = None, seed: int = 0,
                  device: str = "cpu", progress: bool | None = None
                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -106,24 +125,15 @@ def load_domains(names=DOMAINS, *, max_items: int | None = None, seed: int = 0,
     With ``max_items`` only a seeded random subset of that many snippets per corpus
     is embedded (before dropping neutral items and balancing).
     """
-    from finetune.data import binary_labels, load_corpus
     from finetune.encoder import embed
 
     out = {}
     for name in names:
-        i = zlib.crc32(name.encode())  # per-corpus seed: the same subsample in any call
-        texts, scores = load_corpus(name)
-        idx = np.arange(len(texts))
-        if max_items is not None and max_items < len(texts):
-            idx = np.sort(np.random.default_rng([seed, i, 1]).choice(len(texts), max_items,
-                                                                    replace=False))
-        keep, y = binary_labels(scores[idx], neutral=NEUTRAL)
-        idx = idx[keep]
+        texts, idx, y, b = _select(name, max_items, seed)
         if max_items is None:  # embed the whole corpus once (cached), then index
             x = embed(texts, device=device, progress=progress)[idx]
         else:
             x = embed([texts[j] for j in idx], device=device, progress=progress)
-        b = balance(y, np.random.default_rng([seed, i, 2]))
         out[name] = (x[b].astype(np.float64), y[b])
     return out
 
@@ -446,74 +456,94 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None  # strict JSON has no NaN/inf (e.g. the s.e. of a single draw)
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    return o
+#: cross-validation folds of α_cv: each fold holds n / CV_FOLDS target samples
+CV_FOLDS = 5
+MIN_N = 2 * CV_FOLDS
 
 
-def _write_json(obj, path: str) -> None:
-    text = json.dumps(_json_safe(obj), indent=1, allow_nan=False)
-    if path == "-":
-        print(text)
-        return
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(
+        prog="python -m rmt.realdata",
+        description="alpha-LoRA transfer between real sentiment domains (MiniLM embeddings): "
+                    "accuracy at alpha = 0, 1, the estimated alpha*, cross-validated and best "
+                    "alpha.")
+    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS,
+                    help="two or more (every ordered pair is a source -> target transfer)")
+    ap.add_argument("--n", type=cli.positive_int, nargs="+", default=[16, 64],
+                    help=f"target training sizes (even, >= {MIN_N})")
+    ap.add_argument("--repeats", type=cli.positive_int, default=20,
+                    help="seeded draws of the n training samples")
+    ap.add_argument("--gamma", type=cli.positive_float, default=1.0, help="fine-tuning ridge γ")
+    ap.add_argument("--gamma-src", type=cli.positive_float, default=1.0, help="source ridge γ̃")
+    ap.add_argument("--prep", choices=PREPS, default="target-whiten")
+    ap.add_argument("--shrink", type=cli.finite_float, default=1.0,
+                    help="whitening shrinkage s >= 0: (C + s·mean eig·I)^(-1/2); 0 = full "
+                         "whitening")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"embed a seeded subsample of {QUICK_ITEMS} snippets per corpus")
+    ap.add_argument("--device", default="cpu",
+                    help="device of the encoder: cpu, cuda[:N] (embeddings already cached "
+                         "need none)")
+    ap.add_argument("--json", metavar="PATH", help="write the rows as JSON (- for stdout)")
+    return ap
+
+
+def check(args) -> dict[str, int]:
+    """Every flag checked before any embedding (one-line ValueError naming the flag);
+    returns the balanced domain sizes."""
+    args.domains = list(dict.fromkeys(args.domains))
+    if len(args.domains) < 2:
+        raise cli.UsageError(f"--domains needs at least two different domains (a source and "
+                             f"a target), got {' '.join(args.domains)}")
+    bad = [n for n in args.n if n < MIN_N or n % 2]
+    if bad:
+        raise cli.UsageError(f"--n must be even numbers >= {MIN_N} ({CV_FOLDS}-fold "
+                             f"cross-validation of α on n/2 per class), got {bad[0]}")
+    if args.shrink < 0:
+        raise cli.UsageError(f"--shrink must be >= 0, got {args.shrink:g}")
+    args.device = cli.check_device(args.device)
+    cli.check_writable_file(args.json, "--json")
+    sizes = domain_sizes(args.domains, max_items=QUICK_ITEMS if args.quick else None,
+                         seed=args.seed)
+    # the target is split in halves (train pool, test) of balanced classes
+    limit = min(2 * (k // 4) for k in sizes.values())
+    if max(args.n) > limit:
+        small = min(sizes, key=sizes.get)
+        raise cli.UsageError(f"--n {max(args.n)} is too large: the training half of {small} "
+                             f"({sizes[small]} balanced items{', --quick' if args.quick else ''}"
+                             f") holds at most n = {limit}")
+    n_pairs = len(args.domains) * (len(args.domains) - 1) * len(args.n)
+    curves = 2 * len(default_alphas()) if args.json else 1
+    cli.check_memory(8 * 4 * args.repeats * curves * n_pairs + 8 * 384 * sum(sizes.values()),
+                     f"--repeats {args.repeats} over {n_pairs} transfers", "cpu",
+                     "lower --repeats")
+    return sizes
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m rmt.realdata",
-        description="alpha-LoRA transfer between real sentiment domains (MiniLM embeddings): "
-                    "accuracy at alpha = 0, 1, the estimated alpha*, cross-validated and best alpha.")
-    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
-    ap.add_argument("--n", type=int, nargs="+", default=[16, 64], help="target training sizes (even)")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--gamma", type=float, default=1.0, help="fine-tuning ridge γ")
-    ap.add_argument("--gamma-src", type=float, default=1.0, help="source ridge γ̃")
-    ap.add_argument("--prep", choices=PREPS, default="target-whiten")
-    ap.add_argument("--shrink", type=float, default=1.0,
-                    help="whitening shrinkage s: (C + s·mean eig·I)^(-1/2); 0 = full whitening")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true",
-                    help=f"embed a seeded subsample of {QUICK_ITEMS} snippets per corpus")
-    ap.add_argument("--device", default="cpu", help="device for the encoder (cpu, cuda)")
-    ap.add_argument("--json", metavar="PATH", help="write the rows as JSON (- for stdout)")
-    args = ap.parse_args(argv)
-    bad = [n for n in args.n if n < 4 or n % 2]
-    if bad or args.repeats < 1:
-        print(f"error: --n must be even numbers >= 4 and --repeats >= 1 (got n={bad or args.n}, "
-              f"repeats={args.repeats})", file=sys.stderr)
-        return 2
-    try:
+    args = build_parser().parse_args(argv)
+
+    def work():
+        check(args)
         domains = load_domains(args.domains, max_items=QUICK_ITEMS if args.quick else None,
                                seed=args.seed, device=args.device)
         rows = run(domains, n_values=args.n, repeats=args.repeats, gamma=args.gamma,
-                   gamma_src=args.gamma_src, prep=args.prep, shrink=args.shrink, seed=args.seed,
-                   keep_curves=bool(args.json))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json != "-":
+                   gamma_src=args.gamma_src, prep=args.prep, shrink=args.shrink,
+                   seed=args.seed, cv_folds=CV_FOLDS, keep_curves=bool(args.json))
+        if args.json == "-":
+            print(cli.dumps(rows, indent=1))
+            return
         sizes = ", ".join(f"{k} {len(v[1])}" for k, v in domains.items())
         print(f"balanced domains (p = 384): {sizes}; prep={args.prep}, gamma={args.gamma}, "
-              f"shrink={args.shrink}, gamma_src={args.gamma_src}, repeats={args.repeats}; accuracies in % (mean±s.e.)")
+              f"shrink={args.shrink}, gamma_src={args.gamma_src}, repeats={args.repeats}; "
+              "accuracies in % (mean±s.e.)")
         print(format_table(rows))
-    if args.json:
-        _write_json(rows, args.json)
-    return 0
+        if args.json:
+            cli.write_json(args.json, rows)
+
+    return cli.run(work, interrupted="nothing was saved (embeddings of the corpora finished "
+                                     "before the interrupt are cached)")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,51 @@ def test_digits_transfer_split_source_0_to_7_target_8_and_9():
     d3 = data.load_digits_transfer(seed=1)
     assert not np.array_equal(d["y_test"], d3["y_test"]) or not np.array_equal(
         d["x_test"], d3["x_test"])
+
+
+# --------------------------------------------------------------------------- #
+# python -m finetune.data: bad input is one line, exit 2
+# --------------------------------------------------------------------------- #
+from clicheck import call, interrupted, one_line  # noqa: E402
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bogus"], "argument cmd: invalid choice: 'bogus'"),
+    (["fetch", "--dest", "/etc/hostname"], "--dest /etc/hostname is a file; give a folder"),
+    (["fetch", "--dest", "/proc/no/dir"], "--dest /proc/no/dir: cannot write"),
+    (["fetch", "--bogus"], "unrecognized arguments: --bogus"),
+    (["info", "extra"], "unrecognized arguments: extra"),
+])
+def test_cli_bad_input_one_line_exit_2(argv, words, capsys):
+    one_line(call(data.main, argv, capsys), words=words)
+
+
+def test_cli_missing_or_corrupt_tarball_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFT_EXPRESSIVITY_DATA", str(tmp_path))
+    data._inner_files.cache_clear()
+    data._load.cache_clear()
+    try:
+        one_line(call(data.main, ["info"], capsys), words="not found; fetch it once with")
+        (tmp_path / data.TARBALL).write_bytes(b"not a tarball")
+        one_line(call(data.main, [], capsys), words=f"is not the vaderSentiment "
+                                                     f"{data.VADER_VERSION} sdist")
+    finally:
+        data._inner_files.cache_clear()
+        data._load.cache_clear()
+
+
+def test_cli_fetch_that_cannot_download_is_one_line(capsys, monkeypatch, tmp_path):
+    import subprocess
+
+    def offline(cmd, check):
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(subprocess, "run", offline)
+    one_line(call(data.main, ["fetch", "--dest", tmp_path], capsys),
+             words="pip download vaderSentiment==3.3.2` failed (exit 1)")
+    assert list(tmp_path.iterdir()) == []  # the temporary download folder is gone
+
+
+def test_cli_ctrl_c_is_one_line_exit_130(capsys, monkeypatch, tmp_path):
+    assert interrupted(data.main, ["fetch", "--dest", tmp_path], capsys, monkeypatch, data,
+                       "fetch").startswith("interrupted: nothing was saved")

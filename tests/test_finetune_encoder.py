@@ -64,3 +64,13 @@ def test_bad_input_is_a_value_error():
         encoder.embed([], cache=False)
     with pytest.raises(ValueError, match="batch_size"):
         encoder.embed(["a"], batch_size=0, cache=False)
+
+
+def test_a_damaged_cache_file_is_embedded_again_and_replaced(tmp_path):
+    e = encoder.embed(SENTS[:2], cache_dir=tmp_path)
+    (cache,) = tmp_path.iterdir()
+    cache.write_bytes(b"damaged")
+    again = encoder.embed(SENTS[:2], cache_dir=tmp_path)
+    np.testing.assert_allclose(again, e, atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == [cache.name]  # no temporary file left
+    np.testing.assert_array_equal(np.load(cache), again)

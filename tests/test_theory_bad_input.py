@@ -164,27 +164,82 @@ def run_table(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+# --------------------------------------------------------------------------- #
+# the registry
+# --------------------------------------------------------------------------- #
+#: every family of DESIGN §2, in registry order (the order of tables and figures)
+THIRTEEN = ["full", "lora", "hira", "abba", "loha", "lokr", "miss", "smoa", "hut", "pmss",
+            "dora", "vera", "alpha_lora"]
+
+
+def test_registry_holds_exactly_the_13_families_in_order():
+    assert theory.available() == THIRTEEN
+    assert [theory.get_method(n).name for n in THIRTEEN] == THIRTEEN
+
+
+def test_a_method_module_that_fails_to_import_raises_naming_it(monkeypatch):
+    from theory import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_MODULES", (*registry._MODULES, "no_such_family"))
+    with pytest.raises(ImportError, match=r"theory\.methods\.no_such_family failed to import"):
+        registry.available()
+    assert registry._REGISTRY == {}  # nothing half-loaded: the next call raises again
+    with pytest.raises(ImportError):
+        registry.get_method("lora")
+
+
+def test_a_method_module_without_METHOD_raises(monkeypatch):
+    from theory import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_MODULES", ("lora", "__init__"))
+    with pytest.raises(ImportError, match=r"theory\.methods\.__init__ defines no METHOD"):
+        registry.available()
+
+
+# --------------------------------------------------------------------------- #
+# python -m theory.table: every flag with a bad value
+# --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("args, match", [
-    (["--shape", "64", "64", "--rank", "0"], "--rank must be between 1 and min(M, N) = 64"),
+    (["--shape", "64", "64", "--rank", "0"], "--rank: must be >= 1"),
     (["--shape", "64", "32", "--rank", "40"], "--rank must be between 1 and min(M, N) = 32"),
-    (["--shape", "-3", "32"], "--shape must be two positive integers"),
-    (["--shape", "64"], "--shape"),
-    (["--rank", "four"], "invalid int value"),
-    (["--shape", "64", "64", "--rank-w0", "65"], "--rank-w0 must be between 0"),
-    (["--bogus"], "unrecognized arguments"),
+    (["--shape", "-3", "32"], "--shape: must be >= 1"),
+    (["--shape", "0", "32"], "--shape: must be >= 1"),
+    (["--shape", "64"], "--shape: expected 2 arguments"),
+    (["--shape", "64", "6.5"], "--shape: expected an integer"),
+    (["--shape", "1e10", "1e10"], "each side must be at most 10,000,000"),
+    (["--shape", "nan", "4"], "--shape: must be a finite number"),
+    (["--rank", "four"], "--rank: expected an integer, got 'four'"),
+    (["--rank", "inf"], "--rank: must be a finite number"),
+    (["--rank", ""], "--rank: expected an integer"),
+    (["--shape", "64", "64", "--rank-w0", "65"], "--rank-w0 must be between 0 and min(M, N) = 64"),
+    (["--rank-w0", "-1"], "--rank-w0: must be >= 0"),
+    (["--json", "/proc/no/such.json"], "--json /proc/no/such.json: cannot write"),
+    (["--json", "/"], "--json / is a folder"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_table_main_exits_2_with_one_error_line(args, match, capsys):
+    from clicheck import refused
+
     from theory.table import main
-    try:
-        rc = main(args)
-    except SystemExit as e:  # argparse's own errors
-        rc = e.code
-    captured = capsys.readouterr()
-    err, out = captured.err, captured.out
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
-    assert out == ""
+    refused(main, args, capsys, match)
+
+
+def test_table_json_into_a_folder_is_refused_before_anything_is_printed(tmp_path, capsys):
+    from clicheck import refused
+
+    from theory.table import main
+    refused(main, ["--json", tmp_path], capsys, "is a folder; give a file name")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_table_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    from clicheck import interrupted
+
+    import theory.table as T
+    assert interrupted(T.main, [], capsys, monkeypatch, T, "budget_table") \
+        == "interrupted: nothing was saved"
 
 
 @pytest.mark.parametrize("args", [["--shape", "64", "64", "--rank", "0"], ["--shape", "64"]])
@@ -193,6 +248,7 @@ def test_table_cli_process_exits_2_with_one_line_and_no_traceback(args):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "(see python -m theory.table --help)" in lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
@@ -201,7 +257,16 @@ def test_table_cli_json_lists_every_method(tmp_path):
     proc = run_table("--shape", "256", "128", "--rank", "4", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert [r["method"] for r in data["rows"]] == METHODS
+    assert [r["method"] for r in data["rows"]] == THIRTEEN
     assert data["budget"] == 4 * (256 + 128)
+    lora = next(r for r in data["rows"] if r["method"] == "lora")
+    assert lora["n_params"] == data["budget"] and lora["rank_bound"] == 4
     assert "lora" in proc.stdout and "r=4" in proc.stdout
-    assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temp file
+    assert not list(out.parent.glob(".*"))  # atomic write left no temp file
+
+
+def test_table_json_to_stdout_is_strict_json_with_the_table_rows(capsys):
+    from theory.table import main
+    assert main(["--shape", "96", "64", "--rank", "8", "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["rows"] == json.loads(json.dumps(budget_table(96, 64, 8), default=list))

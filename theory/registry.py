@@ -33,17 +33,27 @@ _ALIASES = {"bone": "miss", "rslora": "lora", "alpha-lora": "alpha_lora", "alora
 
 
 def _load() -> None:
+    """Import every module of :data:`_MODULES`; one that fails to import (or lacks
+    ``METHOD``) is an ``ImportError`` naming it: a method never disappears silently
+    from the registry (and from every table, solver and test that loops over it)."""
     if _REGISTRY:
         return
+    loaded: dict[str, Method] = {}
     for mod in _MODULES:
+        path = f"theory.methods.{mod}"
         try:
-            m = importlib.import_module(f"theory.methods.{mod}")
-        except ModuleNotFoundError as e:  # a family not written yet
-            if e.name == f"theory.methods.{mod}":
-                continue
-            raise
-        method = m.METHOD
-        _REGISTRY[method.name] = method
+            m = importlib.import_module(path)
+        except Exception as e:
+            raise ImportError(f"method module {path} failed to import "
+                              f"({type(e).__name__}: {e}); every module listed in "
+                              "theory.registry._MODULES must import") from e
+        method = getattr(m, "METHOD", None)
+        if not isinstance(method, Method):
+            raise ImportError(f"method module {path} defines no METHOD (a theory.base.Method)")
+        if method.name in loaded:
+            raise ImportError(f"method name {method.name!r} of {path} is registered twice")
+        loaded[method.name] = method
+    _REGISTRY.update(loaded)
 
 
 def register(method: Method) -> Method:

@@ -2,6 +2,9 @@
 
     python -m theory.table --shape 4096 4096 --rank 16 [--rank-w0 K] [--json PATH|-]
 
+Bad input (a rank above min(M, N), a side above :data:`MAX_SIDE`, an unwritable
+``--json``) is one line on stderr and exit 2, checked before the table is built.
+
 For each method: the configuration matched to the budget r (m + n) of rank-r LoRA
 (``Method.config_for_rank``), its parameter count, its rank bound (W0 of rank
 ``rank_w0``, full rank by default) and both as ratios to LoRA. A method with no
@@ -10,13 +13,9 @@ configuration within the budget (e.g. full fine-tuning) gets a row saying so.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
 import sys
-import tempfile
-from pathlib import Path
+
+import cli
 
 from .base import lora_budget
 from .registry import available, get_method
@@ -94,61 +93,55 @@ def format_table(rows: list[dict], m: int, n: int, r: int, rank_w0: int | None =
     return "\n".join([title, fmt(head), rule, *map(fmt, body)])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+#: the largest side accepted by the CLI: some methods (LoKr) enumerate factorizations
+#: of m and n, linear in the side (about 1 s at 10^7); no weight of any model is wider
+MAX_SIDE = 10_000_000
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        self.exit(2, f"error: {message}\n")
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(prog="python -m theory.table", description=__doc__)
+    ap.add_argument("--shape", nargs=2, type=cli.positive_int, default=[4096, 4096],
+                    metavar=("M", "N"), help="W0 shape d_out d_in (default 4096 4096)")
+    ap.add_argument("--rank", type=cli.positive_int, default=16,
+                    help="LoRA rank defining the budget (default 16)")
+    ap.add_argument("--rank-w0", type=cli.nonneg_int, default=None,
+                    help="rank of W0 (default: full rank)")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="also write the rows as JSON ('-': stdout, instead of the table)")
+    return ap
+
+
+def check_args(a) -> None:
+    """Every value checked before any work (one-line ValueError naming the flag)."""
+    m, n = a.shape
+    if max(m, n) > MAX_SIDE:
+        raise ValueError(f"--shape {m} {n}: each side must be at most {MAX_SIDE:,}")
+    if a.rank > min(m, n):
+        raise ValueError(f"--rank must be between 1 and min(M, N) = {min(m, n)}, got {a.rank}")
+    if a.rank_w0 is not None and a.rank_w0 > min(m, n):
+        raise ValueError(f"--rank-w0 must be between 0 and min(M, N) = {min(m, n)}, "
+                         f"got {a.rank_w0}")
+    cli.check_writable_file(a.json, "--json")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="python -m theory.table", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", nargs=2, type=int, default=[4096, 4096], metavar=("M", "N"),
-                    help="W0 shape d_out d_in (default 4096 4096)")
-    ap.add_argument("--rank", type=int, default=16, help="LoRA rank defining the budget (default 16)")
-    ap.add_argument("--rank-w0", type=int, default=None, help="rank of W0 (default: full rank)")
-    ap.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON ('-': stdout)")
-    a = ap.parse_args(argv)
-    m, n = a.shape
-    try:
-        if m < 1 or n < 1:
-            raise ValueError(f"--shape must be two positive integers, got {m} {n}")
-        if a.rank < 1 or a.rank > min(m, n):
-            raise ValueError(f"--rank must be between 1 and min(M, N) = {min(m, n)}, got {a.rank}")
-        if a.rank_w0 is not None and not 0 <= a.rank_w0 <= min(m, n):
-            raise ValueError(f"--rank-w0 must be between 0 and min(M, N) = {min(m, n)}, got {a.rank_w0}")
+    a = build_parser().parse_args(argv)
+
+    def work():
+        check_args(a)
+        m, n = a.shape
         rows = budget_table(m, n, a.rank, a.rank_w0)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    payload = {"shape": [m, n], "rank": a.rank, "rank_w0": a.rank_w0 if a.rank_w0 is not None else min(m, n),
-               "budget": lora_budget(m, n, a.rank), "rows": rows}
-    text = json.dumps(payload, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
-    try:
-        print(text if a.json == "-" else format_table(rows, m, n, a.rank, a.rank_w0))
-    except BrokenPipeError:  # e.g. piped into head
-        sys.stderr.close()
-        return 0
-    if a.json == "-":
-        return 0
-    if a.json:
-        try:
-            _write_atomic(Path(a.json), text + "\n")
-        except OSError as e:
-            print(f"error: cannot write {a.json}: {e}", file=sys.stderr)
-            return 2
-    return 0
+        payload = {"shape": [m, n], "rank": a.rank,
+                   "rank_w0": a.rank_w0 if a.rank_w0 is not None else min(m, n),
+                   "budget": lora_budget(m, n, a.rank), "rows": rows}
+        if a.json == "-":
+            print(cli.dumps(payload))
+            return
+        if a.json:
+            cli.write_json(a.json, payload)
+        print(format_table(rows, m, n, a.rank, a.rank_w0))
+
+    return cli.run(work, interrupted="nothing was saved")
 
 
 if __name__ == "__main__":
