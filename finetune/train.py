@@ -52,15 +52,12 @@ import theory
 
 from . import adapters as A
 from . import tasks as T
+from .guard import Diverged  # noqa: F401 (re-exported: the trainer's failure)
 from .memory import resident_bytes, step_peak_bytes
 from .optim import make_rule
 
 SCHEDULES = ("linear", "cosine", "constant")
 IMPLS = ("ours", "peft")
-
-
-class Diverged(RuntimeError):
-    """The training loss or the weights became NaN/inf."""
 
 
 @dataclasses.dataclass(frozen=True)
