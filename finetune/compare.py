@@ -280,7 +280,9 @@ def _sd(xs) -> float:
 def _config_text(rec: dict) -> str:
     """The distinct layer configurations, in layer order, without false flags."""
     seen = list(dict.fromkeys(rec.get("layer_configs", {}).values()))
-    short = [",".join(f for f in c.split(",") if not f.endswith("=False")) for c in seen]
+    short = [",".join(f for f in c.split(",") if not f.endswith("=False"))
+             .replace("decompose_both=True", "both").replace("decompose_factor=", "factor=")
+             for c in seen]
     return " | ".join(short) or "-"
 
 
@@ -612,6 +614,8 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: compare the runs that are finished")
     ap.add_argument("--out", type=Path, default=R.DEFAULT_OUT, help="runs folder (default runs)")
+    ap.add_argument("--name", help="file name of the table, CSV, JSON and figure beside the runs "
+                                   "(default compare-r<R>-<steps>steps)")
     ap.add_argument("--no-figure", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
     ap.add_argument("--threads", type=cli.positive_int, help="torch CPU threads")
@@ -682,6 +686,9 @@ def prepare_jobs(args) -> list[Job]:
     cli.check_device(args.device)
     cli.check_threads(args.threads)
     cli.check_writable_dir(args.out, "--out")
+    if args.name is not None and (not args.name.strip() or "/" in args.name
+                                  or args.name.startswith(".")):
+        raise ValueError(f"--name {args.name!r}: give a plain file name (no folder, no dot first)")
     jobs = []
     for model in models:
         if model not in T.MODELS:
@@ -734,8 +741,10 @@ def main(argv=None) -> int:
             comp["command"] = "python -m finetune.compare " + " ".join(
                 sys.argv[1:] if argv is None else argv)
             steps = job.configs[0].steps
-            paths = write_outputs(comp, output_stem(args.out, job.model, job.task, args.rank,
-                                                    steps), with_figure=not args.no_figure)
+            stem = output_stem(args.out, job.model, job.task, args.rank, steps)
+            if args.name:
+                stem = stem.with_name(args.name)
+            paths = write_outputs(comp, stem, with_figure=not args.no_figure)
             print(format_table(comp))
             print(f"written: {', '.join(str(p) for p in paths)}\n")
         if failed:

@@ -303,6 +303,7 @@ def test_peft_vera_row_trains_through_its_tuner():
     (["--out", "/proc/nowhere/runs"], "cannot write"),
     (["--seeds", "0"], "--seeds"),
     (["--device", "tpu"], "--device"),
+    (["--name", "a/b"], "plain file name"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_runs(argv, words, tmp_path, capsys):
     out = ["--out", str(tmp_path)] if "--out" not in argv else []
