@@ -406,9 +406,14 @@ def compare_rows(configs: Sequence[RunConfig], out: str | Path, *, k: int | None
     if any(r["impl"] == "peft" and r["method"] in ("lokr", "miss", "vera") for r in rows):
         notes.append("PEFT's LoKr, MiSS and VeRA take one rank for all layers: their "
                      "parameter counts differ from ours (the params column is PEFT's own)")
-    for m, scale in LR_SCALE.items():
-        if any(r["method"] == m for r in rows):
-            notes.append(f"{m}: learning rate {scale:g}x the adapter default (stated choice)")
+    d = T.defaults(model)
+    own = [f"{r['label']} {r['lr']:g}" for r in rows if r.get("lr") is not None
+           and r["lr"] != (d.full_lr if r["method"] == "full" else d.lr)]
+    notes.append(f"learning rates: adapters {d.lr:g}, full fine-tuning {d.full_lr:g} (the "
+                 f"model's defaults)" + (f"; set per row: {', '.join(own)} (VeRA "
+                                         f"{LR_SCALE['vera']:g}x: a stated choice)" if own else ""))
+    if any(r["impl"] == "peft" for r in rows):
+        notes.append("recon err of a PEFT row: the fit of our parameterization of the same method")
     if rows and full_seeds:
         notes.append(f"cos / overlap: against full fine-tuning of the same seed (the full "
                      f"row: of another seed); overlap of random {k}-dim subspaces ≈ k/d")
