@@ -403,9 +403,11 @@ def compare_rows(configs: Sequence[RunConfig], out: str | Path, *, k: int | None
         "alignment_vs_metric": AN.spearman([r["cosine"] for r in ours],
                                            [sign * r["metric_mean"] for r in ours]),
     }
-    if any(r["impl"] == "peft" and r["method"] in ("lokr", "miss", "vera") for r in rows):
-        notes.append("PEFT's LoKr, MiSS and VeRA take one rank for all layers: their "
-                     "parameter counts differ from ours (the params column is PEFT's own)")
+    one_rank = [r["method"] for r in rows if r["impl"] == "peft"
+                and r["method"] in ("lokr", "miss", "vera")]
+    if one_rank:
+        notes.append(f"PEFT's {', '.join(one_rank)}: one rank for all layers, so the parameter "
+                     "count can differ from ours (the params column is PEFT's own)")
     d = T.defaults(model)
     own = [f"{r['label']} {r['lr']:g}" for r in rows if r.get("lr") is not None
            and r["lr"] != (d.full_lr if r["method"] == "full" else d.lr)]
@@ -514,6 +516,7 @@ def figure(comp: dict[str, Any], path: Path) -> Path:
 
     rows = [r for r in comp["rows"] if "metric_mean" in r]
     metric = comp.get("metric", "metric")
+    higher = comp.get("higher_is_better", True)
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     cmap = plt.get_cmap("tab20")
     colors = {r["label"]: cmap(i % 20) for i, r in enumerate(rows)}
@@ -527,12 +530,22 @@ def figure(comp: dict[str, Any], path: Path) -> Path:
                         ms=9 if r["method"] == "full" else 6, capsize=3)
             ax.annotate(r["label"], (x, r["metric_mean"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
+        pts = sorted((r[xkey] / (2**20 if xkey == "peak_step_bytes" else 1), r["metric_mean"])
+                     for r in rows)
+        front, best = [], None
+        for x, y in pts:  # the Pareto frontier: no other row is cheaper and better
+            if best is None or (y > best if higher else y < best):
+                front.append((x, y))
+                best = y
+        ax.plot(*zip(*front), ":", color="0.4", lw=1, zorder=0, label="Pareto frontier")
+        ax.legend(fontsize=7, loc="lower right" if higher else "upper right")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric} (mean ± sd over seeds)")
         ax.grid(alpha=0.3)
     axes[0, 0].set_title(f"{comp['model']}/{comp['task']}: {metric} against trainable parameters")
     axes[0, 1].set_title("against peak step memory")
+    lo, hi = math.inf, -math.inf
     for r in rows:
         curves, evals = [], []
         for d in r["runs"]:
@@ -545,15 +558,17 @@ def figure(comp: dict[str, Any], path: Path) -> Path:
         smooth = np.convolve(mean, np.ones(w) / w, mode="valid")
         ls = "--" if r["impl"] == "peft" else "-"
         lw = 2.2 if r["method"] == "full" else 1.2
-        axes[1, 0].plot(np.arange(w, n + 1), smooth, ls, color=colors[r["label"]], lw=lw,
-                        label=r["label"])
+        axes[1, 0].plot(np.arange(w, n + 1), smooth, ls + ("o" if len(smooth) < 3 else ""),
+                        color=colors[r["label"]], lw=lw, label=r["label"])
+        lo, hi = min(lo, float(smooth.min())), max(hi, float(smooth.max()))
         steps = [s for s, _ in evals[0]]
         vals = np.mean([[v for _, v in e[:len(steps)]] for e in evals], axis=0)
         axes[1, 1].plot(steps, vals, ls + "o", color=colors[r["label"]], lw=lw, ms=3,
                         label=r["label"])
     axes[1, 0].set_xlabel("step")
     axes[1, 0].set_ylabel("training loss (moving average of 10 steps)")
-    axes[1, 0].set_yscale("log")
+    if lo > 0 and hi / lo > 10:
+        axes[1, 0].set_yscale("log")
     axes[1, 0].set_title("learning curves")
     axes[1, 1].set_xlabel("step")
     axes[1, 1].set_ylabel(f"held-out {metric}")
