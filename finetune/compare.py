@@ -709,6 +709,9 @@ def prepare_jobs(args) -> list[Job]:
     if args.name is not None and (not args.name.strip() or "/" in args.name
                                   or args.name.startswith(".")):
         raise ValueError(f"--name {args.name!r}: give a plain file name (no folder, no dot first)")
+    from reconstruction.fit import SOLVERS
+    if args.fit_solver not in SOLVERS:
+        raise ValueError(f"--fit-solver {args.fit_solver!r} unknown; known: {', '.join(SOLVERS)}")
     jobs = []
     for model in models:
         if model not in T.MODELS:

@@ -304,6 +304,7 @@ def test_peft_vera_row_trains_through_its_tuner():
     (["--seeds", "0"], "--seeds"),
     (["--device", "tpu"], "--device"),
     (["--name", "a/b"], "plain file name"),
+    (["--fit-solver", "magic"], "--fit-solver 'magic' unknown"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_runs(argv, words, tmp_path, capsys):
     out = ["--out", str(tmp_path)] if "--out" not in argv else []
