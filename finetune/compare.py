@@ -436,7 +436,8 @@ def format_table(comp: dict[str, Any]) -> str:
     metric = comp.get("metric", "metric")
     causal = any(math.isfinite(r.get("forgetting", math.nan)) for r in comp["rows"])
     width = 36  # the config column (the CSV and JSON have it whole)
-    head = ["method", "config", "params", f"{metric} mean ± sd", "n", "train loss", "time×", "mem×",
+    head = ["method", "config", "params", f"{metric} mean ± sd", "n", "train loss", "train s",
+            "time×", "mem×",
             "num rank", "eff rank", "cos(full)", f"overlap@{comp['k']}", "recon err"]
     if causal:
         head.append("forgetting")
@@ -453,7 +454,7 @@ def format_table(comp: dict[str, Any]) -> str:
         tl = r["train_loss_eval"] if math.isfinite(r["train_loss_eval"]) else r["final_train_loss"]
         cells = [r["label"], conf, f"{r['trainable_params']:,}",
                  f"{_f(r['metric_mean'], '.4f')} ± {_f(r['metric_sd'], '.4f')}", f"{n}{fail}",
-                 _f(tl, ".4f"), _f(r["time_vs_lora"], ".2f"), _f(r["memory_vs_lora"], ".2f"),
+                 _f(tl, ".4f"), _f(r["train_seconds"], ".0f"), _f(r["time_vs_lora"], ".2f"), _f(r["memory_vs_lora"], ".2f"),
                  _f(r["numerical_rank"], ".1f"), _f(r["effective_rank"], ".1f"),
                  _f(r["cosine"], ".3f"), _f(r["overlap"], ".3f"),
                  _f(r["reconstruction_error"], ".4f")]
@@ -487,6 +488,8 @@ def format_table(comp: dict[str, Any]) -> str:
         out.append(f"time× and mem×: step time and peak step memory over our LoRA's "
                    f"({lt:.3f} s, {cli.format_bytes(lm)}); the runs ran at different times on "
                    "a shared machine: `python -m finetune.bench` measures time in one run")
+    out.append("train s: seconds of training steps per run (evaluations excluded), mean over "
+               "seeds")
     out.append("train loss: on the whole training set at the end where the task measures it "
                "(digits), else the mean of the last 10 batches")
     out.append("num/eff rank: numerical and entropy effective rank of the learned ΔW; recon "
