@@ -14,7 +14,10 @@ but the method changes. The variants are **interleaved**: each repetition times 
 variant once (``--steps`` steps after one warm-up step, in an order rotated from one
 repetition to the next); the step time reported is the median over repetitions, and
 the ratio to LoRA the median of the ratios within each repetition (with their range),
-so a burst of load on a shared machine hits the two sides of a ratio alike. Peak memory is that
+so a burst of load on a shared machine hits the two sides of a ratio alike. On the CPU
+the clock is the process's own CPU time (``time.process_time``: the work a step does,
+not the time it waits for a core other jobs hold); the wall-time ratios are reported
+beside it. On a GPU the clock is the wall time after a synchronization. Peak memory is that
 of one step (:mod:`finetune.memory`: tensor bytes from the profiler's allocation
 events on the CPU, ``max_memory_allocated`` on a GPU, plus the resident parameters,
 gradients and optimizer state), measured once per variant.
@@ -115,11 +118,12 @@ class Bench:
                 peak, _ = step_peak_bytes(lambda: self.step(opt), self.device)
                 out["peak_step_bytes"] = int(peak + resident_bytes(self.task.model, opt))
             self._sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 self.step(opt)
             self._sync()
             out["seconds_per_step"] = (time.perf_counter() - t0) / steps
+            out["cpu_seconds_per_step"] = (time.process_time() - c0) / steps
             return out
         finally:
             self.teardown()
@@ -138,14 +142,19 @@ def run_bench(model: str = "tiny-gpt2", task: str | None = None, methods=None, *
     variants = [Variant(m) for m in methods] + [Variant(m, True) for m in dense if m in methods
                                                  and m != "full"]
     b = Bench(model, task, rank, batch, device, targets)
+    # the clock of the ratios: on the CPU the process's own CPU seconds (a shared machine's
+    # other jobs delay a step's wall time, not the work it does); on a GPU the wall time
+    clock = "seconds_per_step" if device.startswith("cuda") else "cpu_seconds_per_step"
     times: dict[Variant, list[float]] = {v: [] for v in variants}
+    walls: dict[Variant, list[float]] = {v: [] for v in variants}
     info: dict[Variant, dict] = {}
     bar = tqdm(total=reps * len(variants), desc="bench", unit="variant", disable=not progress)
     for rep in range(reps):
         k = rep % len(variants)
         for v in variants[k:] + variants[:k]:  # rotated: no variant always first
             r = b.time_steps(v, steps, measure_memory=v not in info)
-            times[v].append(r["seconds_per_step"])
+            times[v].append(r[clock])
+            walls[v].append(r["seconds_per_step"])
             info.setdefault(v, r)
             bar.update(1)
     bar.close()
@@ -153,18 +162,22 @@ def run_bench(model: str = "tiny-gpt2", task: str | None = None, methods=None, *
     m_lora = info[lora]["peak_step_bytes"]
     rows = []
     for v in variants:
-        t = statistics.median(times[v])
         paired = [a / b for a, b in zip(times[v], times[lora])]  # same repetition, same load
+        paired_wall = [a / b for a, b in zip(walls[v], walls[lora])]
         rows.append({"variant": v.label, "method": v.method, "dense": v.dense,
                      "trainable_params": info[v]["trainable_params"],
-                     "seconds_per_step": t, "seconds_all": times[v],
+                     "seconds_per_step": statistics.median(times[v]), "seconds_all": times[v],
+                     "wall_seconds_per_step": statistics.median(walls[v]),
+                     "wall_seconds_all": walls[v],
                      "time_vs_lora": statistics.median(paired),
                      "time_vs_lora_range": [min(paired), max(paired)],
+                     "wall_vs_lora": statistics.median(paired_wall),
                      "peak_step_bytes": info[v]["peak_step_bytes"],
                      "memory_vs_lora": info[v]["peak_step_bytes"] / m_lora})
     by = {r["variant"]: r for r in rows}
     out = {"model": model, "task": task, "rank": rank, "batch": b.batch_size, "reps": reps,
-           "steps": steps, "device": device, "threads": torch.get_num_threads(),
+           "steps": steps, "device": device, "clock": "wall" if clock == "seconds_per_step"
+           else "cpu", "threads": torch.get_num_threads(),
            "torch": torch.__version__, "rows": rows}
     if "abba" in by:
         out["abba_vs_lora"] = {"time": by["abba"]["time_vs_lora"],
@@ -180,10 +193,12 @@ def run_bench(model: str = "tiny-gpt2", task: str | None = None, methods=None, *
 
 
 def format_report(res: dict[str, Any]) -> str:
-    head = ["variant", "params", "ms/step", "time×LoRA", "(range)", "peak memory", "mem×LoRA"]
+    clock = res.get("clock", "wall")
+    head = ["variant", "params", f"ms/step ({clock})", "time×LoRA", "(range)", "wall×LoRA",
+            "peak memory", "mem×LoRA"]
     cells = [[r["variant"], f"{r['trainable_params']:,}", f"{1e3 * r['seconds_per_step']:.1f}",
               f"{r['time_vs_lora']:.2f}",
-              "{:.2f}-{:.2f}".format(*r["time_vs_lora_range"]),
+              "{:.2f}-{:.2f}".format(*r["time_vs_lora_range"]), f"{r['wall_vs_lora']:.2f}",
               cli.format_bytes(r["peak_step_bytes"]),
               f"{r['memory_vs_lora']:.2f}"] for r in res["rows"]]
     w = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
@@ -208,8 +223,10 @@ def format_report(res: dict[str, Any]) -> str:
         lines.append(f"ABBA Khatri-Rao / ABBA with ΔW formed: time {d['time']:.2f}x "
                      "({:.2f}-{:.2f}), ".format(*d["time_range"])
                      + f"peak memory {d['memory']:.2f}x")
-    lines.append("time×LoRA: median over the repetitions of the step time over LoRA's in the "
-                 "same repetition (range: min-max); memory: one step's peak, measured once")
+    lines.append(f"time×LoRA: median over the repetitions of the step's {clock} time over "
+                 "LoRA's in the same repetition (range: min-max; on the CPU the process's own "
+                 "CPU seconds, which other jobs on a shared machine do not inflate; wall×LoRA: "
+                 "the same with wall time); memory: one step's peak, measured once")
     return "\n".join(lines)
 
 
