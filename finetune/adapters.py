@@ -71,7 +71,13 @@ class Adapted(nn.Module):
     ``perturbation``: an optional (d_out, d_in) tensor added to the weight in the forward
     (``x (W0 + ΔW + E)ᵀ``), set and cleared by training rules that perturb the merged
     weight (Flat-LoRA); it never touches W0.
+    ``dense``: when True the forward forms ΔW and computes ``x (W0 + ΔW)ᵀ``
+    (:meth:`theory.base.Method.forward`, the interface's default) instead of the method's
+    own structured forward (ABBA's Khatri-Rao product, LoRA's two thin products): the
+    same function, for measuring what the structure saves (:mod:`finetune.bench`).
     """
+
+    dense: bool = False
 
     def __init__(self, base: nn.Module, method: Method, config: Config, params: dict[str, Tensor]):
         super().__init__()
@@ -139,7 +145,8 @@ class Adapted(nn.Module):
         if self.merged:
             y = self.base(x)
         else:
-            y = self.method.forward(x, self.params(), self.w0, self.config)  # (..., d_out)
+            fwd = Method.forward if self.dense else type(self.method).forward
+            y = fwd(self.method, x, self.params(), self.w0, self.config)  # (..., d_out)
             b = self._bias()
             if b is not None:
                 y = y + b
@@ -294,6 +301,13 @@ def inject(model: nn.Module, method: str | Method, *, rank: int = 8, targets: It
 def adapted_layers(model: nn.Module) -> dict[str, Adapted]:
     """The :class:`Adapted` layers of ``model`` by module path."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Adapted)}
+
+
+def set_dense(model: nn.Module, dense: bool = True) -> None:
+    """Make every adapted layer of ``model`` form ΔW in its forward (``dense=True``) or use
+    its method's structured forward (``False``, the default); see :class:`Adapted`."""
+    for layer in adapted_layers(model).values():
+        layer.dense = bool(dense)
 
 
 def merge(model: nn.Module) -> None:

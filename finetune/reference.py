@@ -24,7 +24,16 @@ import torch
 from torch import Tensor, nn
 
 PEFT_METHODS = ("lora", "dora", "hira", "loha", "lokr", "miss", "vera")
+#: PEFT tuners that take only nn.Linear (peft 0.21: LyCORIS's and MiSS's layers refuse
+#: GPT-2's Conv1D; LoRA, DoRA, HiRA and VeRA take it with ``fan_in_fan_out``)
+LINEAR_ONLY = ("loha", "lokr", "miss")
 ADAPTER = "default"
+
+
+def peft_supports(method: str, modules) -> bool:
+    """Whether PEFT's ``method`` can wrap every module of ``modules``."""
+    return method in PEFT_METHODS and (
+        method not in LINEAR_ONLY or all(isinstance(m, nn.Linear) for m in modules))
 
 
 def _alpha(cfg, r: int, field: str = "alpha") -> float:
@@ -74,11 +83,20 @@ def inject_peft(model: nn.Module, method: str, layer_configs: dict[str, object],
     """Inject PEFT's ``method`` into ``model`` in place (only the adapter is trainable)."""
     import peft
 
-    conv = any(not isinstance(model.get_submodule(p), nn.Linear) for p in layer_configs)
+    mods = [model.get_submodule(p) for p in layer_configs]
+    if not peft_supports(method, mods):
+        raise ValueError(f"--impl peft: PEFT's {method} takes only nn.Linear layers, and "
+                         f"{type(next(m for m in mods if not isinstance(m, nn.Linear))).__name__} "
+                         "layers are targeted")
+    conv = any(not isinstance(m, nn.Linear) for m in mods)
     cfg = peft_config(method, layer_configs, seed, fan_in_fan_out=conv)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # PEFT draws its factors from the global generator
-        peft.inject_adapter_in_model(cfg, model)
+        if method == "vera":  # its projections are state of the tuner: PEFT refuses
+            from peft.tuners import VeraModel  # inject_adapter_in_model, the tuner injects in place
+            VeraModel(model, cfg, ADAPTER)
+        else:
+            peft.inject_adapter_in_model(cfg, model)
     return model
 
 
