@@ -35,6 +35,7 @@ w is restored from a copy between the passes (exact, as in :mod:`.sam`); 1e-12 i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ BALANCES = ("norm", "none")
 class BSAM(Rule):
     name = "bsam"
     gradient_evaluations = 3
-    options = {"rho_max": 0.05, "rho_min": 0.05, "rho_min_floor": 0.0, "schedule": "lr",
+    options: ClassVar[dict[str, Any]] = {"rho_max": 0.05, "rho_min": 0.05, "rho_min_floor": 0.0, "schedule": "lr",
                "balance": "norm"}
 
     @classmethod

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ def row_noise(w: Tensor, radius: float, generator: torch.Generator) -> Tensor:
 class FlatLoRA(Rule):
     name = "flat-lora"
     gradient_evaluations = 1
-    options = {"rho": 0.05, "ramp": "cosine", "seed": None}
+    options: ClassVar[dict[str, Any]] = {"rho": 0.05, "ramp": "cosine", "seed": None}
 
     @classmethod
     def check_values(cls, opts):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ def restore(params: list[torch.nn.Parameter], saved: list[Tensor]) -> None:
 class SAM(Rule):
     name = "sam"
     gradient_evaluations = 2
-    options = {"rho": 0.05}
+    options: ClassVar[dict[str, Any]] = {"rho": 0.05}
 
     @classmethod
     def check_values(cls, opts):
