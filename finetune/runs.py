@@ -121,11 +121,10 @@ def save_run(d: Path, record: dict, model=None) -> None:
                 save_file(tensors, str(tmp), metadata={
                     "method": rec["method"], "impl": rec["impl"],
                     "layer_configs": json.dumps(rec["layer_configs"])})
-    if model is not None:
-        other = other_trainable_tensors(model, rec["method"], rec["impl"])
-        if other:
-            with cli.atomic_path(d / "trainable.safetensors") as tmp:
-                save_file(other, str(tmp), metadata={"method": rec["method"]})
+    if model is not None and rec["impl"] != "peft":  # written even when empty: its
+        other = other_trainable_tensors(model, rec["method"], rec["impl"])  # presence says
+        with cli.atomic_path(d / "trainable.safetensors") as tmp:  # the run can be rebuilt
+            save_file(other, str(tmp), metadata={"method": rec["method"]})
     cli.write_json(d / "run.json", rec)
     for stale in ("checkpoint.pt", "failed.json"):
         (d / stale).unlink(missing_ok=True)
