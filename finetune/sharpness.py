@@ -287,6 +287,8 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--hessian-batches", type=cli.positive_int, default=d.hessian_batches)
     ap.add_argument("--iters", type=cli.positive_int, default=d.iters,
                     help="power-iteration steps at most")
+    ap.add_argument("--tol", type=cli.positive_float, default=d.tol,
+                    help=f"power iteration stops when λ changes by less (relative; default {d.tol})")
     ap.add_argument("--seed", type=cli.nonneg_int, default=d.seed)
     ap.add_argument("--threads", type=cli.positive_int)
     ap.add_argument("--no-cache", action="store_true", help="measure again (sharpness.json)")
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
 
         s = Settings(radius=args.radius, samples=args.samples, batches=args.batches,
                      batch=args.batch, hessian_batches=args.hessian_batches, iters=args.iters,
-                     seed=args.seed)
+                     tol=args.tol, seed=args.seed)
         s.check()
         cli.check_threads(args.threads)
         cli.check_writable_file(args.json, "--json")
