@@ -9,9 +9,12 @@
    every output row moved by exactly ρ times its norm in a uniformly random direction
    (the filter-normalised directions of Li et al., "Visualizing the Loss Landscape of
    Neural Nets", 2018; Flat-LoRA's training noise has the same row scale in expectation,
-   E‖E_i‖² = ρ²‖W'_i‖²). Estimated by ``samples`` draws, each on the same fixed training
-   batches; reported with its standard error. For a quadratic with Hessian H per row,
-   S_ρ = ½ ρ² tr(H)/d_in ‖W'‖²_F at a minimum (a test).
+   E‖E_i‖² = ρ²‖W'_i‖²). Estimated by ``samples`` antithetic pairs, each on the same
+   fixed training batches: ½[L(W'+E) + L(W'−E)] − L(W') has the same expectation and
+   no first-order term (a run that has not reached a stationary point has a gradient,
+   whose contribution averages to zero but would dominate the variance); reported with
+   its standard error. For a quadratic with Hessian H per row, S_ρ = ½ ρ² tr(H)/d_in
+   ‖W'‖²_F (a test).
 
 2. **Top Hessian eigenvalue** λ_max of L by power iteration on Hessian-vector products
    (autograd double backward; no Hessian is formed), in two spaces:
@@ -74,8 +77,9 @@ def _mean_loss(losses: Sequence[Loss]) -> float:
 
 def expected_loss_increase(losses: Sequence[Loss], sites: Sequence[Site], radius: float = 0.05,
                            samples: int = 8, seed: int = 0) -> dict[str, Any]:
-    """S_ρ = E[L(W' + E)] − L(W') over ``samples`` draws; L = mean of ``losses`` (closures,
-    one per batch). The sites get their weights back exactly after every draw."""
+    """S_ρ = E[L(W' + E)] − L(W') over ``samples`` antithetic pairs (±E); L = mean of
+    ``losses`` (closures, one per batch). The sites get their weights back exactly after
+    every draw."""
     if not losses or not sites:
         raise ValueError("expected_loss_increase needs at least one loss and one weight")
     if not (math.isfinite(radius) and radius >= 0) or samples < 1:
@@ -84,13 +88,17 @@ def expected_loss_increase(losses: Sequence[Loss], sites: Sequence[Site], radius
     g = torch.Generator(device=sites[0].weight().device).manual_seed(int(seed))
     rises = []
     for _ in range(samples):
-        try:
-            for s in sites:
-                s.add(row_direction(s.weight(), radius, g))
-            rises.append(_mean_loss(losses) - base)
-        finally:
-            for s in sites:
-                s.clear()
+        es = [row_direction(s.weight(), radius, g) for s in sites]
+        pair = []
+        for sign in (1.0, -1.0):  # the antithetic pair E, −E
+            try:
+                for s, e in zip(sites, es):
+                    s.add(sign * e)
+                pair.append(_mean_loss(losses))
+            finally:
+                for s in sites:
+                    s.clear()
+        rises.append(0.5 * (pair[0] + pair[1]) - base)
     r = np.asarray(rises)
     return {"radius": radius, "samples": samples, "loss": base, "increase": float(r.mean()),
             "increase_se": float(r.std(ddof=1) / math.sqrt(len(r))) if len(r) > 1 else math.nan,

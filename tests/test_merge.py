@@ -12,8 +12,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune.merge import (RULES, lego_factors, merge, merge_ties, relative_error,
-                            svd_optimum, truncate)
+from finetune.merge import (
+    RULES,
+    lego_factors,
+    merge,
+    merge_ties,
+    relative_error,
+    svd_optimum,
+    truncate,
+)
 
 
 def _lora(m, n, r, seed):

@@ -15,8 +15,14 @@ from torch import nn
 
 from finetune import adapters as A
 from finetune.optim.flat_lora import weight_sites
-from finetune.sharpness import (Settings, expected_loss_increase, hessian_top, row_direction,
-                                run_sharpness, top_hessian_eigenvalue)
+from finetune.sharpness import (
+    Settings,
+    expected_loss_increase,
+    hessian_top,
+    row_direction,
+    run_sharpness,
+    top_hessian_eigenvalue,
+)
 
 
 def _spd(n, seed=0, dtype=torch.float64):
@@ -153,7 +159,7 @@ def test_a_run_is_measured_once_and_cached_by_its_settings(mlp_run):
 
 
 def test_a_larger_radius_raises_the_loss_more(mlp_run):
-    s = dict(samples=6, batches=2, batch=32, hessian_batches=1, iters=2)
+    s = {"samples": 6, "batches": 2, "batch": 32, "hessian_batches": 1, "iters": 2}
     lo = run_sharpness(mlp_run, Settings(radius=0.02, **s), cache=False)["random"]["increase"]
     hi = run_sharpness(mlp_run, Settings(radius=0.2, **s), cache=False)["random"]["increase"]
     assert hi > lo
