@@ -298,3 +298,27 @@ def test_the_command_refuses_bad_optimizers_in_one_line(tmp_path, args, fragment
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], r.stderr
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--rules", "adamw,lookahead"], "--rules: 'lookahead' unknown"),
+    (["--model", "gpt5"], "--model 'gpt5' unknown"),
+    (["--method", "nope"], "nope"),
+])
+def test_the_timing_command_refuses_bad_input_in_one_line(args, fragment):
+    r = subprocess.run([sys.executable, "-m", "finetune.optim.timing", *args],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+
+
+def test_the_timing_command_counts_each_rule_against_the_first():
+    r = subprocess.run([sys.executable, "-m", "finetune.optim.timing", "--reps", "1", "--steps",
+                        "2", "--threads", "1"], capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+    assert set(rows) == {"adamw", "sam", "bsam", "flat-lora"}
+    assert rows["adamw"][2] == "1.00"
+    assert [rows[n][3] for n in ("adamw", "sam", "bsam", "flat-lora")] == ["1", "2", "3", "1"]
