@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from finetune.data import have_corpora
 from finetune.merge import (
     RULES,
     lego_factors,
@@ -21,6 +22,17 @@ from finetune.merge import (
     svd_optimum,
     truncate,
 )
+from finetune.merge import main as merge_main
+from finetune.runs import save_run
+from finetune.train import RunConfig, train
+
+
+def exit_code(main, argv) -> int:
+    """A command's exit status, in-process (parser errors raise SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
 
 
 def _lora(m, n, r, seed):
@@ -96,32 +108,33 @@ def test_ties_trims_elects_the_sign_of_the_sum_and_averages_the_agreeing_entries
 # --------------------------------------------------------------------------- #
 # the command, on small real runs (the digits MLP)
 # --------------------------------------------------------------------------- #
-def _train(out, *args):
-    r = subprocess.run([sys.executable, "-m", "finetune.run", "--model", "mlp", "--steps", "30",
-                        "--rank", "4", "--out", str(out), "--no-progress", "--json", "-", *args],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr
-    rec = json.loads(r.stdout)
-    return out / "mlp" / "digits" / rec["name"]
+def _train(out, seed=0, **kw):
+    """One finished run of the digits MLP (in-process: no interpreter start-up)."""
+    cfg = RunConfig(model="mlp", task="digits", steps=30, rank=4, seed=seed, **kw)
+    rec = train(cfg, return_model=True)
+    d = out / cfg.resolved().model / cfg.task / cfg.name
+    save_run(d, rec, rec["model"])
+    return d
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return {"s0": _train(out, "--seed", "0"), "s1": _train(out, "--seed", "1"),
-            "one_layer": _train(out, "--seed", "0", "--targets", "re:layers\\.0"),
-            "abba": _train(out, "--seed", "0", "--method", "abba")}
+    return {"s0": _train(out, 0), "s1": _train(out, 1),
+            "one_layer": _train(out, 0, targets=("re:layers\\.0",)),
+            "abba": _train(out, 0, method="abba")}
 
 
-def _merge(*args):
-    return subprocess.run([sys.executable, "-m", "finetune.merge", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, check=False)
+def _merge(capsys, *args):
+    rc = exit_code(merge_main, [str(a) for a in args])
+    return rc, capsys.readouterr()
 
 
-def test_the_command_merges_by_every_rule_and_evaluates_on_each_task(runs, tmp_path):
-    r = _merge("--runs", runs["s0"], runs["s1"], "--rank", "2,8", "--json", tmp_path / "m.json",
-               "--out", tmp_path / "merged")
-    assert r.returncode == 0, r.stderr
+def test_the_command_merges_by_every_rule_and_evaluates_on_each_task(runs, tmp_path, capsys):
+    rc, out = _merge(capsys, "--runs", runs["s0"], runs["s1"], "--rank", "2,8", "--json",
+                     tmp_path / "m.json", "--out", tmp_path / "merged")
+    assert rc == 0, out.err
+    assert "svd@8" in out.out and "lego@2" in out.out
     res = json.loads((tmp_path / "m.json").read_text())
     names = [m["name"] for m in res["merges"]]
     assert names == ["sum", "mean", "ties", "svd@2", "svd@8", "lego@2", "lego@8"]
@@ -151,20 +164,26 @@ def test_the_command_merges_by_every_rule_and_evaluates_on_each_task(runs, tmp_p
     (lambda r: ["--runs", r["s0"], "/nonexistent/run"], "no finished run there"),
     (lambda r: ["--runs", r["s0"], r["s1"], "--rank", "0"], "--rank"),
 ])
-def test_bad_input_is_one_line_and_exit_2(runs, case, fragment):
-    r = _merge(*case(runs))
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], r.stderr
+def test_bad_input_is_one_line_and_exit_2(runs, case, fragment, capsys):
+    rc, out = _merge(capsys, *case(runs))
+    assert rc == 2, out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], out.err
 
 
-def test_runs_of_different_base_models_are_refused(runs, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "finetune.run", "--model", "tiny-gpt2", "--steps",
-                        "2", "--rank", "2", "--out", str(tmp_path), "--no-progress", "--json",
-                        "-"], capture_output=True, text=True, timeout=300, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"tiny GPT-2 unavailable: {r.stderr.strip()[:80]}")
-    other = tmp_path / "tiny-gpt2" / "movie" / json.loads(r.stdout)["name"]
-    r = _merge("--runs", runs["s0"], other, "--no-eval")
-    assert r.returncode == 2 and "different base models" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_runs_of_different_base_models_are_refused(runs, tmp_path, capsys):
+    if not have_corpora():
+        pytest.skip("VADER corpora not fetched (the tiny GPT-2 trains on them)")
+    cfg = RunConfig(model="tiny-gpt2", task="movie", steps=2, rank=2)
+    rec = train(cfg, return_model=True)
+    other = tmp_path / cfg.name
+    save_run(other, rec, rec["model"])
+    rc, out = _merge(capsys, "--runs", runs["s0"], other, "--no-eval")
+    assert rc == 2 and "different base models" in out.err, out.err
+    assert len(out.err.strip().splitlines()) == 1
+
+
+def test_the_command_runs_as_a_module_and_fails_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "finetune.merge", "--runs", "/nonexistent/run"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -18,6 +18,14 @@ from finetune.optim import RULES, make_rule
 from finetune.optim.flat_lora import row_noise, step_generator, weight_sites
 
 
+def exit_code(main, argv) -> int:
+    """A command's exit status, in-process (parser errors raise SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
 # --------------------------------------------------------------------------- #
 # a quadratic L(w) = ½ wᵀ H w − bᵀ w, where every gradient is known in closed form
 # --------------------------------------------------------------------------- #
@@ -291,12 +299,12 @@ def test_bad_rule_names_and_values_are_one_line_value_errors(name, opts, fragmen
     (["--optimizer", "sam", "--opt-set", "rho=-0.1"], "rho must be"),
     (["--optimizer", "bsam", "--opt-set", "foo=1"], "unknown option"),
 ])
-def test_the_command_refuses_bad_optimizers_in_one_line(tmp_path, args, fragment):
-    r = subprocess.run([sys.executable, "-m", "finetune.run", "--model", "mlp", *args,
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], r.stderr
+def test_the_command_refuses_bad_optimizers_in_one_line(tmp_path, args, fragment, capsys):
+    from finetune.run import main as run_main
+
+    assert exit_code(run_main, ["--model", "mlp", *args, "--out", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
@@ -305,20 +313,26 @@ def test_the_command_refuses_bad_optimizers_in_one_line(tmp_path, args, fragment
     (["--model", "gpt5"], "--model 'gpt5' unknown"),
     (["--method", "nope"], "nope"),
 ])
-def test_the_timing_command_refuses_bad_input_in_one_line(args, fragment):
-    r = subprocess.run([sys.executable, "-m", "finetune.optim.timing", *args],
-                       capture_output=True, text=True, timeout=120, check=False)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], r.stderr
+def test_the_timing_command_refuses_bad_input_in_one_line(args, fragment, capsys):
+    from finetune.optim.timing import main as timing_main
+
+    assert exit_code(timing_main, args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
 
 
-def test_the_timing_command_counts_each_rule_against_the_first():
-    r = subprocess.run([sys.executable, "-m", "finetune.optim.timing", "--reps", "1", "--steps",
-                        "2", "--threads", "1"], capture_output=True, text=True, timeout=300,
-                       check=False)
-    assert r.returncode == 0, r.stderr
-    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+def test_the_timing_command_counts_each_rule_against_the_first(capsys):
+    from finetune.optim.timing import main as timing_main
+
+    assert timing_main(["--reps", "1", "--steps", "2"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert set(rows) == {"adamw", "sam", "bsam", "flat-lora"}
     assert rows["adamw"][2] == "1.00"
     assert [rows[n][3] for n in ("adamw", "sam", "bsam", "flat-lora")] == ["1", "2", "3", "1"]
+
+
+def test_the_rules_are_there_when_the_command_runs_as_a_module(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "finetune.run", "--model", "mlp", "--optimizer",
+                        "nope", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 2 and "known: adamw, bsam, flat-lora, sam" in r.stderr, r.stderr

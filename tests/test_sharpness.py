@@ -6,8 +6,6 @@ eigenvalue in the weight and in the factor space, the expected loss increase
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from torch import nn
 
 from finetune import adapters as A
 from finetune.optim.flat_lora import weight_sites
+from finetune.runs import save_run
 from finetune.sharpness import (
     Settings,
     expected_loss_increase,
@@ -23,6 +22,16 @@ from finetune.sharpness import (
     run_sharpness,
     top_hessian_eigenvalue,
 )
+from finetune.sharpness import main as sharpness_main
+from finetune.train import RunConfig, train
+
+
+def exit_code(main, argv) -> int:
+    """A command's exit status, in-process (parser errors raise SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
 
 
 def _spd(n, seed=0, dtype=torch.float64):
@@ -124,12 +133,11 @@ def test_random_rows_have_exactly_the_relative_radius():
 
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    r = subprocess.run([sys.executable, "-m", "finetune.run", "--model", "mlp", "--steps", "40",
-                        "--optimizer", "flat-lora", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr
-    (d,) = list((out / "mlp" / "digits").iterdir())
+    """A finished Flat-LoRA run of the digits MLP (in-process)."""
+    cfg = RunConfig(model="mlp", task="digits", steps=40, optimizer="flat-lora")
+    rec = train(cfg, return_model=True)
+    d = tmp_path_factory.mktemp("runs") / cfg.name
+    save_run(d, rec, rec["model"])
     return d
 
 
@@ -171,10 +179,18 @@ def test_a_larger_radius_raises_the_loss_more(mlp_run):
     (["{run}", "--hessian-batches", "9", "--batches", "2"], "--hessian-batches"),
     (["{run}", "--json", "{run}/run.json/x.json"], "--json"),
 ])
-def test_the_command_refuses_bad_input_in_one_line(mlp_run, args, fragment):
+def test_the_command_refuses_bad_input_in_one_line(mlp_run, args, fragment, capsys):
     args = [a.replace("{run}", str(mlp_run)) for a in args]
-    r = subprocess.run([sys.executable, "-m", "finetune.sharpness", *args],
-                       capture_output=True, text=True, timeout=120, check=False)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], r.stderr
+    assert exit_code(sharpness_main, args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_the_command_prints_both_measures(mlp_run, capsys, tmp_path):
+    rc = sharpness_main([str(mlp_run), "--samples", "2", "--batches", "1", "--hessian-batches",
+                         "1", "--iters", "3",
+                         "--json", str(tmp_path / "s.json")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "S_rho=" in out and "lambda_max weights" in out
+    (res,) = json.loads((tmp_path / "s.json").read_text())
+    assert res["settings"]["samples"] == 2
