@@ -279,6 +279,45 @@ def run_sharpness(run_dir: Path, settings: Settings | None = None, *, device: st
     return out
 
 
+def _mean_sd(xs: Sequence[float]) -> str:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return "n/a"
+    sd = float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return f"{np.mean(xs):.4g} ± {sd:.2g}"
+
+
+def summary_rows(results: Sequence[dict], records: Sequence[dict]) -> list[dict[str, str]]:
+    """One row per (method, optimizer): seeds, metric, both measures and the step time
+    relative to AdamW of the same method and seed (mean ± sd over seeds)."""
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r, rec in zip(results, records):
+        groups.setdefault((rec["method"], rec["config"]["optimizer"]), []).append((r, rec))
+    adamw = {(rec["method"], rec["config"]["seed"]): rec["step_seconds_median"]
+             for rec in records if rec["config"]["optimizer"] == "adamw"}
+    rows = []
+    for (method, opt), items in sorted(groups.items()):
+        ratios = [rec["step_seconds_median"] / adamw[(method, rec["config"]["seed"])]
+                  for _, rec in items if (method, rec["config"]["seed"]) in adamw]
+        rows.append({
+            "method": method, "optimizer": opt, "seeds": str(len(items)),
+            items[0][1]["metric_name"]: _mean_sd([rec["metric"] for _, rec in items]),
+            "S_rho": _mean_sd([r["random"]["increase"] for r, _ in items]),
+            "lambda_max W'": _mean_sd([r["hessian_weights"]["eigenvalue"] for r, _ in items]),
+            "lambda_max factors": _mean_sd([r["hessian_factors"]["eigenvalue"] for r, _ in items]),
+            "s/step": _mean_sd([rec["step_seconds_median"] for _, rec in items]),
+            "x adamw (same seed)": _mean_sd(ratios),
+        })
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, str]]) -> str:
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------- #
 # command line
 # --------------------------------------------------------------------------- #
@@ -300,6 +339,8 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--seed", type=cli.nonneg_int, default=d.seed)
     ap.add_argument("--threads", type=cli.positive_int)
     ap.add_argument("--no-cache", action="store_true", help="measure again (sharpness.json)")
+    ap.add_argument("--summary", action="store_true",
+                    help="also a table per (method, optimizer): mean ± sd over the runs' seeds")
     ap.add_argument("--json", metavar="PATH", help="write every result as JSON")
     return ap
 
@@ -336,6 +377,8 @@ def main(argv=None) -> int:
                   f"S_rho={r['random']['increase']:.5f}±{r['random']['increase_se']:.5f} "
                   f"(rho {s.radius})  lambda_max weights {r['hessian_weights']['eigenvalue']:.4g}"
                   f"  factors {r['hessian_factors']['eigenvalue']:.4g}")
+        if args.summary:
+            print(markdown(summary_rows(results, [load_record(d) for d in args.runs])))
         if args.json:
             cli.write_json(args.json, results)
 

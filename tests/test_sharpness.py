@@ -194,3 +194,21 @@ def test_the_command_prints_both_measures(mlp_run, capsys, tmp_path):
     assert rc == 0 and "S_rho=" in out and "lambda_max weights" in out
     (res,) = json.loads((tmp_path / "s.json").read_text())
     assert res["settings"]["samples"] == 2
+
+
+def test_the_summary_groups_runs_by_rule_and_divides_step_time_by_adamws(mlp_run):
+    from finetune.runs import load_record
+    from finetune.sharpness import summary_rows
+
+    rec = load_record(mlp_run)
+    fake = {"random": {"increase": 1.0}, "hessian_weights": {"eigenvalue": 2.0},
+            "hessian_factors": {"eigenvalue": 3.0}}
+    base = {**rec, "config": {**rec["config"], "optimizer": "adamw"},
+            "step_seconds_median": 0.5}
+    runs = [{**rec, "config": {**rec["config"], "seed": s}, "step_seconds_median": t}
+            for s, t in ((0, 1.0), (1, 1.5))]
+    base1 = {**base, "config": {**base["config"], "seed": 1}}
+    rows = summary_rows([fake] * 4, [base, {**base1}, *runs])
+    flat = next(r for r in rows if r["optimizer"] == "flat-lora")
+    assert flat["seeds"] == "2" and flat["x adamw (same seed)"].startswith("2.5 ± 0.71")
+    assert flat["S_rho"] == "1 ± 0"
