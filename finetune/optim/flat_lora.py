@@ -17,11 +17,20 @@ the run's steps; a fresh noise every step (their ``T = 1``); the perturbation on
 adapted layers (not the task head). Differences, stated:
 
 - the authors add E to the frozen weight in place, re-draw it from a saved seed and
-  subtract it after the backward pass (W0 comes back only up to rounding). Here E is
-  added in the forward through :attr:`finetune.adapters.Adapted.perturbation`
-  (``y = x (W0 + ΔW + E)ᵀ + b``) and cleared afterwards, so W0 is never written and is
-  bit for bit what it was; the price is one extra (d_out, d_in) matmul per adapted layer
-  in the forward and backward, and E held until the backward ends;
+  subtract it after the backward pass (W0 comes back only up to rounding). Here W0 is bit
+  for bit what it was after every step, in one of two ways (option ``mode``):
+
+  ``inplace``  E is added to the module's weight and the weight is copied back from a
+               copy after the backward pass (no extra matmul: the authors' cost). Valid
+               only where ΔW does not depend on W0 (LoRA, ABBA, LoHa, LoKr, VeRA, ...):
+               for HiRA (W0 ⊙ BA), DoRA, HUT, ... perturbing W0 would perturb ΔW too;
+  ``forward``  E enters the forward through :attr:`finetune.adapters.Adapted.perturbation`
+               (``y = x (W0 + ΔW + E)ᵀ + b``) and W0 is never written; exact for every
+               method, at the price of one extra (d_out, d_in) matmul per adapted layer in
+               the forward and in the backward (measured on MiniLM/LoRA rank 8: 1.5x the
+               AdamW step instead of about 1x);
+  ``auto``     (default) ``inplace`` for a layer whose method's ΔW, at random factors, is
+               the same for W0 and for another W0; ``forward`` otherwise;
 - the noise is drawn from a generator seeded by (run seed, step), not by the clock: runs
   are reproducible and resume exactly;
 - any method, not only LoRA: ΔW is the method's update. For ``--method full`` (no adapted
@@ -44,21 +53,28 @@ from .base import Rule
 from .sam import check_radius
 
 RAMPS = ("cosine", "constant")
+MODES = ("auto", "inplace", "forward")
 
 
 class Site:
     """One weight matrix W' = W0 + ΔW (d_out, d_in) that can be perturbed by E and given
-    back exactly: through ``Adapted.perturbation`` for our adapters, in place with a copy
-    for a plain ``nn.Linear``/``Conv1D``."""
+    back exactly. An adapted layer takes E through ``Adapted.perturbation`` (W0 never
+    written) or, with ``inplace``, in its module weight; a plain ``nn.Linear``/``Conv1D``
+    always in place. In place, the weight is copied back from a copy (not subtracted)."""
 
-    def __init__(self, path: str, module: nn.Module):
+    def __init__(self, path: str, module: nn.Module, inplace: bool = False):
         self.path, self.module = path, module
         self.adapted = isinstance(module, Adapted)
+        self.inplace = inplace or not self.adapted
         self._saved: Tensor | None = None
 
-    def _view(self) -> Tensor:
-        w = self.module.weight
-        return w if isinstance(self.module, nn.Linear) else w.mT  # Conv1D stores (d_in, d_out)
+    def _param(self) -> Tensor:
+        return self.module.base.weight if self.adapted else self.module.weight
+
+    def _view(self) -> Tensor:  # (d_out, d_in) view of the stored weight
+        mod = self.module.base if self.adapted else self.module
+        w = mod.weight
+        return w if isinstance(mod, nn.Linear) else w.mT  # Conv1D stores (d_in, d_out)
 
     @torch.no_grad()
     def weight(self) -> Tensor:
@@ -70,29 +86,44 @@ class Site:
 
     @torch.no_grad()
     def add(self, e: Tensor) -> None:
-        if self.adapted:
-            self.module.perturbation = e
-        else:
-            self._saved = self.module.weight.detach().clone()
+        if self.inplace:
+            self._saved = self._param().detach().clone()
             self._view().add_(e)
+        else:
+            self.module.perturbation = e
 
     @torch.no_grad()
     def clear(self) -> None:
-        if self.adapted:
+        if not self.inplace:
             self.module.perturbation = None
         elif self._saved is not None:
-            self.module.weight.copy_(self._saved)
+            self._param().copy_(self._saved)
             self._saved = None
 
 
+@torch.no_grad()
+def delta_ignores_w0(layer: Adapted, seed: int = 0) -> bool:
+    """Whether the layer's method gives the same ΔW for W0 and for another W0 (probed at
+    random factors, so that a zero-initialised factor does not hide a dependence)."""
+    g = torch.Generator(device=layer.w0.device).manual_seed(seed)
+    params = {k: torch.randn(v.shape, generator=g, device=v.device, dtype=v.dtype)
+              if k in layer.factors else v for k, v in layer.params().items()}
+    w0 = layer.w0.detach()
+    other = 2 * w0 + torch.randn(w0.shape, generator=g, device=w0.device, dtype=w0.dtype)
+    a = layer.method.delta(params, w0, layer.config)
+    b = layer.method.delta(params, other, layer.config)
+    return bool(torch.equal(a, b))
+
+
 def weight_sites(model: nn.Module, params: list[nn.Parameter] | None = None,
-                 paths: list[str] | None = None) -> list[Site]:
-    """The perturbable weights: every adapted layer of ``model``; without adapted layers
-    (full fine-tuning), the linear layers named in ``paths``, or else those whose weight
-    is among ``params`` (trainable)."""
+                 paths: list[str] | None = None, mode: str = "forward") -> list[Site]:
+    """The perturbable weights: every adapted layer of ``model`` (``mode``: forward,
+    inplace or auto, see the module doc); without adapted layers (full fine-tuning), the
+    linear layers named in ``paths``, or else those whose weight is among ``params``."""
     layers = adapted_layers(model)
     if layers:
-        return [Site(p, m) for p, m in layers.items() if paths is None or p in paths]
+        return [Site(p, m, inplace=mode == "inplace" or (mode == "auto" and delta_ignores_w0(m)))
+                for p, m in layers.items() if paths is None or p in paths]
     if paths is not None:
         return [Site(p, model.get_submodule(p)) for p in paths]
     ids = {id(p) for p in params or []}
@@ -116,14 +147,16 @@ def row_noise(w: Tensor, radius: float, generator: torch.Generator) -> Tensor:
 class FlatLoRA(Rule):
     name = "flat-lora"
     gradient_evaluations = 1
-    options: ClassVar[dict[str, Any]] = {"rho": 0.05, "ramp": "cosine", "seed": None}
+    options: ClassVar[dict[str, Any]] = {"rho": 0.05, "ramp": "cosine", "seed": None,
+                                         "mode": "auto"}
 
     @classmethod
     def check_values(cls, opts):
         check_radius(cls.name, opts, "rho")
-        if opts["ramp"] not in RAMPS:
-            raise ValueError(f"--optimizer flat-lora: ramp {opts['ramp']!r} unknown; "
-                             f"known: {', '.join(RAMPS)}")
+        for key, known in (("ramp", RAMPS), ("mode", MODES)):
+            if opts[key] not in known:
+                raise ValueError(f"--optimizer flat-lora: {key} {opts[key]!r} unknown; "
+                                 f"known: {', '.join(known)}")
         seed = opts["seed"]
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"--optimizer flat-lora: seed must be an integer >= 0, got {seed!r}")
@@ -135,7 +168,13 @@ class FlatLoRA(Rule):
         self.seed = int(torch.initial_seed() if seed is None else seed)
         body = [p for g in optimizer.param_groups if g.get("name", "body") == "body"
                 for p in g["params"]]
-        self.sites = weight_sites(model, body)
+        self.sites = weight_sites(model, body, mode=self.opts["mode"])
+        if self.opts["mode"] == "inplace":
+            bad = [x.path for x in self.sites if x.adapted and not delta_ignores_w0(x.module)]
+            if bad:
+                raise ValueError(f"--optimizer flat-lora: mode inplace would perturb ΔW too "
+                                 f"(the method's ΔW depends on W0 at {bad[0]}); use auto or "
+                                 "forward")
         if not self.sites:
             raise ValueError("--optimizer flat-lora: no weight to perturb (it needs our "
                              "adapters, --impl ours, or --method full)")
