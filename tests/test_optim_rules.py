@@ -355,3 +355,14 @@ def test_the_rules_are_there_when_the_command_runs_as_a_module(tmp_path):
                         "nope", "--out", str(tmp_path)], capture_output=True, text=True,
                        timeout=120, check=False)
     assert r.returncode == 2 and "known: adamw, bsam, flat-lora, sam" in r.stderr, r.stderr
+
+
+def test_timing_rules_carry_their_options_in_brackets():
+    from finetune.optim.timing import parse_rule, rule_list
+
+    assert rule_list("adamw,flat-lora[mode=forward,rho=0.1],sam") == [
+        "adamw", "flat-lora[mode=forward,rho=0.1]", "sam"]
+    assert parse_rule("flat-lora[mode=forward,rho=0.1]") == (
+        "flat-lora", {"mode": "forward", "rho": 0.1})
+    with pytest.raises(ValueError, match="mode 'up' unknown"):
+        parse_rule("flat-lora[mode=up]")

@@ -8,7 +8,8 @@ rule steps on the same model, data and batch, in rounds (adamw, sam, bsam, flat-
 adamw, ...), so a change of load hits all of them alike. Each rule has its own AdamW (the
 weights drift a little over the rounds; the cost of a step does not depend on them).
 Printed: the median seconds per step of each rule, its ratio to AdamW, and the
-published cost (forward-backward passes per step: 1, 2, 3, 1) beside it.
+published cost (forward-backward passes per step: 1, 2, 3, 1) beside it. A rule may carry
+options: ``--rules "adamw,flat-lora,flat-lora[mode=forward]"``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,31 @@ import torch
 import cli
 
 from . import RULES, make_rule
+
+
+def rule_list(text: str) -> list[str]:
+    """``a,b[x=1,y=2],c`` -> ``["a", "b[x=1,y=2]", "c"]`` (commas in brackets kept)."""
+    import argparse
+    import re
+
+    out = [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", str(text)) if m.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return out
+
+
+def parse_rule(text: str) -> tuple[str, dict]:
+    """``"flat-lora[mode=forward,rho=0.1]"`` -> ``("flat-lora", {"mode": "forward", "rho": 0.1})``."""
+    from reconstruction.run import parse_set
+
+    name, _, rest = text.partition("[")
+    if rest and not rest.endswith("]"):
+        raise ValueError(f"--rules: {text!r}: options go in brackets, name[key=value,...]")
+    if name not in RULES:
+        raise ValueError(f"--rules: {name!r} unknown; known: {', '.join(sorted(RULES))}")
+    opts = parse_set([kv for kv in rest[:-1].split(",") if kv]) if rest else {}
+    RULES[name].validate(opts)
+    return name, opts
 
 
 def time_rules(task, model, rules: list[str], *, reps: int = 3, steps: int = 3,
@@ -40,9 +66,10 @@ def time_rules(task, model, rules: list[str], *, reps: int = 3, steps: int = 3,
         return loss.detach()
 
     made = {}
-    for name in rules:
+    for label in rules:
+        name, opts = parse_rule(label)
         opt = torch.optim.AdamW([{"params": params, "name": "body"}], lr=1e-5)
-        made[name] = make_rule(name, opt, model, total_steps=2 * steps * reps + 2)
+        made[label] = make_rule(name, opt, model, total_steps=2 * steps * reps + 2, **opts)
     model.train()
     for rule in made.values():  # one warm-up step each
         rule.step(closure, 1)
@@ -57,7 +84,7 @@ def time_rules(task, model, rules: list[str], *, reps: int = 3, steps: int = 3,
                 times[name].append(time.perf_counter() - t0)
     base = float(np.median(times[rules[0]]))
     return {n: {"seconds": float(np.median(t)), "ratio": float(np.median(t)) / base,
-                "gradient_evaluations": RULES[n].gradient_evaluations, "samples": len(t)}
+                "gradient_evaluations": made[n].gradient_evaluations, "samples": len(t)}
             for n, t in times.items()}
 
 
@@ -67,8 +94,9 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--task", default=None, help="default movie (digits for mlp)")
     ap.add_argument("--method", default="lora", help="a registry method or full")
     ap.add_argument("--rank", type=cli.positive_int, default=8)
-    ap.add_argument("--rules", type=cli.str_list, default=["adamw", "sam", "bsam", "flat-lora"],
-                    help="the first is the reference (default adamw,sam,bsam,flat-lora)")
+    ap.add_argument("--rules", type=rule_list, default=["adamw", "sam", "bsam", "flat-lora"],
+                    help="the first is the reference (default adamw,sam,bsam,flat-lora); "
+                         "options in brackets: flat-lora[mode=forward]")
     ap.add_argument("--reps", type=cli.positive_int, default=3)
     ap.add_argument("--steps", type=cli.positive_int, default=3, help="steps per rule per round")
     ap.add_argument("--batch", type=cli.positive_int, default=32)
@@ -91,8 +119,7 @@ def main(argv=None) -> int:
         if args.method != "full":
             theory.get_method(args.method)
         for r in args.rules:
-            if r not in RULES:
-                raise ValueError(f"--rules: {r!r} unknown; known: {', '.join(sorted(RULES))}")
+            parse_rule(r)
         cli.check_threads(args.threads)
         cli.check_writable_file(args.json, "--json")
         T.check_available(args.model, task_name)
@@ -113,9 +140,10 @@ def main(argv=None) -> int:
                          batch=args.batch, progress=sys.stderr.isatty())
         print(f"{args.model}/{task_name} {args.method} rank {args.rank}, batch {args.batch}, "
               f"{args.reps} rounds x {args.steps} steps, {torch.get_num_threads()} thread(s)")
-        print(f"{'rule':<10} {'s/step':>8} {'x ' + args.rules[0]:>9} {'passes':>7}")
+        w = max(10, *map(len, res))
+        print(f"{'rule':<{w}} {'s/step':>8} {'x ' + args.rules[0]:>9} {'passes':>7}")
         for n, r in res.items():
-            print(f"{n:<10} {r['seconds']:>8.3f} {r['ratio']:>9.2f} {r['gradient_evaluations']:>7}")
+            print(f"{n:<{w}} {r['seconds']:>8.3f} {r['ratio']:>9.2f} {r['gradient_evaluations']:>7}")
         if args.json:
             cli.write_json(args.json, {"model": args.model, "task": task_name,
                                        "method": args.method, "rank": args.rank,
