@@ -109,14 +109,19 @@ def expected_loss_increase(losses: Sequence[Loss], sites: Sequence[Site], radius
 # 2. top Hessian eigenvalue by power iteration on Hessian-vector products
 # --------------------------------------------------------------------------- #
 def hvp(losses: Sequence[Loss], params: Sequence[Tensor], v: Sequence[Tensor]) -> list[Tensor]:
-    """H v with H = ∇² (mean of ``losses``) w.r.t. ``params`` (double backward, batch by batch)."""
+    """H v with H = ∇² (mean of ``losses``) w.r.t. ``params`` (double backward, batch by
+    batch). Attention runs on the math kernel of ``scaled_dot_product_attention``: the
+    fused CPU kernels have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     out = [torch.zeros_like(p) for p in params]
-    for f in losses:
-        grads = torch.autograd.grad(f(), params, create_graph=True)
-        dot = sum((g * u).sum() for g, u in zip(grads, v))
-        hv = torch.autograd.grad(dot, params)
-        for o, h in zip(out, hv):
-            o.add_(h.detach() / len(losses))
+    with sdpa_kernel(SDPBackend.MATH):
+        for f in losses:
+            grads = torch.autograd.grad(f(), params, create_graph=True)
+            dot = sum((g * u).sum() for g, u in zip(grads, v))
+            hv = torch.autograd.grad(dot, params)
+            for o, h in zip(out, hv):
+                o.add_(h.detach() / len(losses))
     return out
 
 

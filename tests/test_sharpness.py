@@ -81,6 +81,48 @@ def test_power_iteration_recovers_the_top_eigenvalue_of_a_given_matrix():
     assert out["residual"] < 1e-4
 
 
+def test_the_hessian_goes_through_attention_whose_fused_kernel_has_no_double_backward():
+    """A self-attention layer (F.scaled_dot_product_attention) with an adapted projection:
+    power iteration on HVPs agrees with the eigenvalue of the Hessian formed by torch.func."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.q(x).view(2, 5, 2, 4).transpose(1, 2)  # (batch, heads, tokens, 4)
+            return nn.functional.scaled_dot_product_attention(h, h, h).sum(1)
+
+    model = Attn()
+    A.inject(model, "lora", rank=2, targets=["q"], seed=0)
+    x = torch.randn(2, 5, 8)
+    loss = lambda: model(x).pow(2).mean()
+    lay = A.adapted_layers(model)["q"]
+    got = hessian_top([loss], model, weight_sites(model), "factors", iters=300, tol=1e-9)
+
+    names = list(lay.factors)
+    flat = torch.cat([lay.factors[n].detach().flatten() for n in names])
+
+    def f(theta):
+        params, i = {}, 0
+        for n in names:
+            k = lay.factors[n].numel()
+            params[n] = theta[i:i + k].view_as(lay.factors[n])
+            i += k
+        from torch.func import functional_call
+        return functional_call(model, {f"q.factors.{n}": p for n, p in params.items()}, (x,)
+                               ).pow(2).mean()
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        hess = torch.func.hessian(f)(flat)
+    ev = torch.linalg.eigvalsh(hess)
+    top = ev[ev.abs().argmax()]
+    assert got["eigenvalue"] == pytest.approx(float(top), rel=1e-3)
+
+
 def test_the_factor_space_hessian_of_lora_is_not_the_weight_space_one():
     """At B = 0 the LoRA loss is flat in A (∂ΔW/∂A = 0), so the factor-space λ differs
     from the weight-space one: the two measures are distinct (Flat-LoRA's point)."""
