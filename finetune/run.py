@@ -102,6 +102,7 @@ def config_from_args(args) -> RunConfig:
     from .optim import RULES
     if cfg.optimizer not in RULES:
         raise ValueError(f"--optimizer {cfg.optimizer!r} unknown; known: {', '.join(sorted(RULES))}")
+    RULES[cfg.optimizer].validate(dict(cfg.optimizer_options))
     return cfg
 
 

@@ -12,6 +12,9 @@ optimizer, seed and a hash of the whole configuration, :attr:`RunConfig.name`):
   float32: ``python -m reconstruction.run --target <run>/deltas.safetensors`` reads it.
 - ``adapter.safetensors``: the trained factors, ``<layer>.<factor>`` (ours) or PEFT's
   adapter state dict (``--impl peft``); metadata: method and per-layer configs.
+- ``trainable.safetensors``: every other trained tensor, by its parameter name in the
+  model (the task head of an adapter run; for full fine-tuning every weight of the
+  model), so that :func:`load_model` rebuilds the trained model exactly.
 - ``checkpoint.pt`` while the run is unfinished (resume point), ``failed.json`` after a
   divergence (the next run of the same command starts it again).
 
@@ -118,6 +121,10 @@ def save_run(d: Path, record: dict, model=None) -> None:
                 save_file(tensors, str(tmp), metadata={
                     "method": rec["method"], "impl": rec["impl"],
                     "layer_configs": json.dumps(rec["layer_configs"])})
+    if model is not None and rec["impl"] != "peft":  # written even when empty: its
+        other = other_trainable_tensors(model, rec["method"], rec["impl"])  # presence says
+        with cli.atomic_path(d / "trainable.safetensors") as tmp:  # the run can be rebuilt
+            save_file(other, str(tmp), metadata={"method": rec["method"]})
     cli.write_json(d / "run.json", rec)
     for stale in ("checkpoint.pt", "failed.json"):
         (d / stale).unlink(missing_ok=True)
@@ -138,6 +145,82 @@ def adapter_tensors(model, impl: str) -> dict:
         for name, p in layer.factors.items():
             out[f"{path}.{name}"] = p.detach().float().cpu().contiguous()
     return out
+
+
+def other_trainable_tensors(model, method: str, impl: str) -> dict:
+    """The trained tensors that ``adapter.safetensors`` does not hold, by parameter name:
+    the task head of an adapter run, every trainable weight of a full fine-tuning run."""
+    if impl == "peft":
+        return {}
+    from finetune.adapters import adapted_layers
+
+    factor_ids = {id(p) for lay in adapted_layers(model).values() for p in lay.factors.values()}
+    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in factor_ids}
+
+
+def run_config(rec: dict):
+    """The :class:`~finetune.train.RunConfig` of a run record."""
+    from finetune.train import RunConfig
+
+    c = dict(rec["config"])
+    c["overrides"] = tuple(sorted((c.get("overrides") or {}).items()))
+    c["optimizer_options"] = tuple(sorted((c.get("optimizer_options") or {}).items()))
+    c["targets"] = tuple(c["targets"]) if c.get("targets") else None
+    return RunConfig(**c)
+
+
+def load_model(d: Path, device: str = "cpu"):
+    """Rebuild the trained model of a finished run: ``(model, task)``.
+
+    The task (data split and a fresh pre-trained model) is built from the run's
+    config and seed, the method injected with the run's configuration, and the saved
+    factors (``adapter.safetensors``) and other trained tensors (``trainable.safetensors``:
+    the head; every weight for full fine-tuning) copied in. Runs of ``--impl peft`` and
+    runs saved before ``trainable.safetensors`` existed are refused (one line)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune import adapters as A
+    from finetune import tasks as T
+
+    d = Path(d)
+    rec = load_record(d)
+    cfg = run_config(rec).resolved()
+    if cfg.impl == "peft":
+        raise ValueError(f"{d}: load_model rebuilds runs of our adapters and full "
+                         "fine-tuning, not --impl peft")
+    other = d / "trainable.safetensors"
+    if not other.is_file():
+        raise FileNotFoundError(f"{other} not found: the run predates saved heads; "
+                                "retrain it with --force")
+    task = T.get_task(cfg.model, cfg.task, seed=cfg.seed, device=device,
+                      alpha_fraction=cfg.alpha_fraction,
+                      use_alpha_slice=cfg.method == "alpha_lora")
+    model = task.model
+    if cfg.method != "full":
+        layers = A.inject(model, cfg.method, rank=cfg.rank, targets=cfg.targets,
+                          overrides=dict(cfg.overrides), init=cfg.init, seed=cfg.seed)
+        factors, _ = load_factors(d)
+        if set(factors) != set(layers):
+            raise ValueError(f"{d}: adapter.safetensors does not match the run's layers")
+        with torch.no_grad():
+            for path, lay in layers.items():
+                for name, p in lay.factors.items():
+                    p.copy_(factors[path][name])
+    try:
+        tensors = load_file(str(other))
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error type)
+        raise ValueError(f"{other}: not a readable tensor file ({type(e).__name__})") from None
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise ValueError(f"{other}: tensors {', '.join(missing[:3])} are not in the model")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+    model.to(device).eval()
+    return model, task
 
 
 def record_failure(d: Path, cfg, reason: str, step: int | None = None) -> Path:

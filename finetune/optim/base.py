@@ -22,14 +22,26 @@ class Rule:
     options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, optimizer, model: nn.Module, total_steps: int, **options):
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            raise ValueError(f"--optimizer {self.name}: unknown option(s) {', '.join(unknown)}; "
-                             f"its options are {', '.join(sorted(self.options)) or 'none'}")
         self.optimizer = optimizer
         self.model = model
         self.total_steps = int(total_steps)
-        self.opts = {**self.options, **options}
+        self.opts = self.validate(options)
+
+    @classmethod
+    def validate(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options with defaults filled in; a one-line ValueError for an unknown name
+        or a bad value (``finetune.run`` calls this before any work)."""
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            raise ValueError(f"--optimizer {cls.name}: unknown option(s) {', '.join(unknown)}; "
+                             f"its options are {', '.join(sorted(cls.options)) or 'none'}")
+        opts = {**cls.options, **options}
+        cls.check_values(opts)
+        return opts
+
+    @classmethod
+    def check_values(cls, opts: dict[str, Any]) -> None:
+        """Raise ValueError for a bad option value (rules with options override this)."""
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
