@@ -20,9 +20,9 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[!_]*.py"))
 jupytext = pytest.importorskip("jupytext")
 
 
-def test_the_four_notebooks_are_found():
-    assert [p.stem for p in NOTEBOOKS] == ["rank_bounds", "real_deltas", "reconstruction",
-                                          "rmt_alpha_lora"]
+def test_every_notebook_is_found():
+    assert [p.stem for p in NOTEBOOKS] == ["adapters", "flat_minima_merging", "rank_bounds",
+                                          "real_deltas", "reconstruction", "rmt_alpha_lora"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -103,7 +103,7 @@ def test_a_notebook_with_an_incomplete_header_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["nope"], "unknown notebook(s) nope; known: rank_bounds"),
+    (["nope"], "unknown notebook(s) nope; known: adapters"),
     (["--out", "/etc/hostname"], "--out /etc/hostname is a file; give a folder"),
     (["--out", "/proc/no/dir"], "--out /proc/no/dir: cannot write"),
     (["--bogus"], "unrecognized arguments: --bogus"),
