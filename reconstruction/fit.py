@@ -79,19 +79,19 @@ from .solvers import als_kr as _kr
 from .solvers import exact as _exact
 from .solvers.adam import run_adam
 from .solvers.common import (
-    ALS_FAMILIES,
-    HADAMARD_PAIR,
     extra_inits,
     finish_step,
+    has_als,
     homogeneous_factors,
     initial_params,
+    is_hadamard_pair,
     optimal_rescale,
     rescale_start,
     scale_factors,
     structure,
 )
 from .solvers.lbfgs import run_lbfgs
-from .solvers.svd import CLOSED_FORM, fit_svd
+from .solvers.svd import fit_svd
 
 SOLVERS = ("auto", "svd", "als", "adam", "lbfgs")
 #: default iteration counts (Adam steps, ALS sweeps)
@@ -149,13 +149,15 @@ class FitResult:
                 f"{self.seconds:.2f}s)")
 
 
-def solvers_for(method_name: str) -> list[str]:
-    """The solvers that handle a method; ``auto`` picks the first."""
-    name = theory.get_method(method_name).name
+def solvers_for(method) -> list[str]:
+    """The solvers that handle a method (a Method or a registry name), read from its
+    declared structure (``Method.closed_form``, ``product_terms``, ``exact_als``);
+    ``auto`` picks the first."""
+    meth = method if isinstance(method, theory.Method) else theory.get_method(method)
     out = []
-    if name in CLOSED_FORM or name in _exact.CLOSED_FORM:
+    if meth.closed_form is not None:
         out.append("svd")
-    if name in ALS_FAMILIES or name in _exact.ALS:
+    if has_als(meth):
         out.append("als")
     out += ["adam", "lbfgs"]
     return out
@@ -175,9 +177,9 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
     ALS in 1.2 s, 0.1917 / 0.7942 / 0.7228 / 0.5806 by 500 L-BFGS iterations in
     1.7 s) and ALS, guarded and monotone, is kept."""
     meth = method if isinstance(method, theory.Method) else theory.get_method(method)
-    avail = solvers_for(meth.name)
+    avail = solvers_for(meth)
     chosen = "svd" if "svd" in avail else ("als" if "als" in avail else "adam")
-    if chosen == "als" and meth.name in HADAMARD_PAIR:
+    if chosen == "als" and is_hadamard_pair(meth):
         r1, r2 = _pair_ranks(meth, config)
         if max(m, n) >= LBFGS_FROM or not _kr.cheaper(r1, r2, m, n):
             chosen = "lbfgs"
@@ -187,23 +189,23 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
 def inits_for(method_name: str) -> list[str]:
     """Initializations ``fit`` accepts for a method (its own, then reconstruction ones)."""
     m = theory.get_method(method_name)
-    return [*m.inits, *extra_inits(m.name)]
+    return [*m.inits, *extra_inits(m)]
 
 
 def _default_inits(method, solver: str, restarts: int, init: str | None,
                    spectral_ok: bool = False) -> list[tuple[str, int]]:
     """(scheme, seed offset) per restart. Adam on a method that contains rank-r LoRA
-    (DoRA, α-LoRA: ``solvers.common.LORA_CONTAINING``) starts the first restart at
+    (DoRA, α-LoRA: ``Method.lora_term``) starts the first restart at
     ``lora-warm`` (the rank-r LoRA optimum written in its factors), the others at its
     own first init; ``init=`` still picks any scheme (e.g. "paper")."""
     if init is not None:
         return [(init, i) for i in range(restarts)]
     if solver == "lbfgs":  # the starts of ALS for the Hadamard pairs, of Adam otherwise
-        solver = "als" if method.name in HADAMARD_PAIR else "adam"
-    if solver == "adam" and method.name not in HADAMARD_PAIR and "lora-warm" in extra_inits(method.name):
+        solver = "als" if is_hadamard_pair(method) else "adam"
+    if solver == "adam" and method.lora_term is not None:
         return [("lora-warm", 0)] + [(method.inits[0], i) for i in range(1, restarts)]
     if solver == "als":
-        if method.name in HADAMARD_PAIR:
+        if is_hadamard_pair(method):
             if spectral_ok:  # lora-warm, then spectral from seeds seed, seed + 1, ...
                 return [("lora-warm", 0)] + [("spectral", i) for i in range(restarts - 1)]
             return [("lora-warm", 0)] + [("gaussian", i) for i in range(1, restarts)]
@@ -316,15 +318,15 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         w0 = w0.contiguous()
 
     # which solver
-    avail = solvers_for(meth.name)
+    avail = solvers_for(meth)
     chosen = solver
-    spectral_ok = meth.name in HADAMARD_PAIR and math.prod(_pair_ranks(meth, config)) <= min(m, n)
+    spectral_ok = is_hadamard_pair(meth) and math.prod(_pair_ranks(meth, config)) <= min(m, n)
     if solver == "auto":
         chosen = auto_solver(meth, config, m, n)
         # ALS: lora-warm + 2 spectral (or Gaussian) starts. L-BFGS: lora-warm alone
         # (Gaussian starts end clearly worse; spectral ones are so ill-conditioned,
         # factor norms 10³-10⁵ times the product's, that float32 gradients are noise)
-        if chosen == "als" and meth.name in HADAMARD_PAIR and init is None:
+        if chosen == "als" and is_hadamard_pair(meth) and init is None:
             restarts = max(int(restarts), 3)
     elif solver not in avail:
         raise ValueError(f"{meth.name}: solver {solver!r} not available; "
@@ -361,9 +363,10 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         """One solver run from p0: (params, history, steps done, diverged)."""
         div = torch.zeros(Bn, dtype=torch.bool, device=device)
         if chosen == "svd":
-            p = (_exact.closed_form if meth.name in _exact.CLOSED_FORM else fit_svd)(meth, Mt, w0, config, p0)
+            p = (_exact.closed_form if meth.closed_form in _exact.CLOSED_FORMS else fit_svd)(
+                meth, Mt, w0, config, p0)
             return p, [relative_error(Mt, meth.delta(p, w0, config)).double()], 0, div
-        if chosen == "als" and meth.name in _exact.ALS:
+        if chosen == "als" and meth.exact_als is not None:
             p, hist, k = _exact.run_als(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
                                         progress=progress, warm=scheme in ("given", "continued"))
         elif chosen == "als":
@@ -437,7 +440,7 @@ def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
     """The Khatri-Rao error and its hand-written gradient, for Adam and L-BFGS on ABBA/LoHa where
     it is the cheaper one (small r1 r2: ``als_kr.gradient_cheaper``), else None (autograd
     through ΔW)."""
-    if meth.name not in HADAMARD_PAIR:
+    if not is_hadamard_pair(meth):
         return None
     st = structure(meth, p0, w0, config)
     if st is None or not _kr.gradient_applies(st, p0, M.shape[-2], M.shape[-1]):

@@ -43,28 +43,39 @@ from torch import Tensor
 from .als import pair_norm, solve_rows
 from .common import Params, Structure, finish_step
 
+#: the names the solver uses inside; a method's own names (its ``product_terms``) are
+#: mapped onto them at the entry and back at the exit
 NAMES = ("B1", "A1", "B2", "A2")
 
 
 def applies(st: Structure, params: Params, m: int, n: int) -> bool:
     """True for one term s (B1 A1) ⊙ (B2 A2) with no fixed matrix, when this solver
     costs fewer than twice the flops of the generic ALS (its flops are all GEMM)."""
-    return _is_pair(st) and cheaper(params["A1"].shape[-2], params["A2"].shape[-2], m, n)
+    if not _is_pair(st):
+        return False
+    _, a1, _, a2 = names(st)
+    return cheaper(params[a1].shape[-2], params[a2].shape[-2], m, n)
 
 
 def gradient_applies(st: Structure, params: Params, m: int, n: int) -> bool:
     """Whether ``value_and_grad`` is the faster gradient for Adam and L-BFGS: the same
     single-term structure as ``applies``, and (``gradient_cheaper``) its flops against
     autograd through ΔW."""
-    return _is_pair(st) and gradient_cheaper(params["A1"].shape[-2], params["A2"].shape[-2], m, n)
+    if not _is_pair(st):
+        return False
+    _, a1, _, a2 = names(st)
+    return gradient_cheaper(params[a1].shape[-2], params[a2].shape[-2], m, n)
 
 
 def _is_pair(st: Structure) -> bool:
-    """One term s (B1 A1) ⊙ (B2 A2) with no fixed matrix, factors named as NAMES."""
-    if len(st.terms) != 1 or st.terms[0].fixed is not None or len(st.terms[0].pairs) != 2:
-        return False
+    """One term s (B1 A1) ⊙ (B2 A2) with no fixed matrix."""
+    return len(st.terms) == 1 and st.terms[0].fixed is None and len(st.terms[0].pairs) == 2
+
+
+def names(st: Structure) -> tuple[str, str, str, str]:
+    """The method's names of (B1, A1, B2, A2)."""
     (b1, a1), (b2, a2) = st.terms[0].pairs
-    return (b1, a1, b2, a2) == NAMES
+    return b1, a1, b2, a2
 
 
 def gradient_cheaper(r1: int, r2: int, m: int, n: int) -> bool:
@@ -237,7 +248,10 @@ def value_and_grad(M: Tensor, st: Structure):
         G4 = G.unflatten(-1, (X1.shape[-1], X2.shape[-1]))  # (b, N, r1, r2)
         return (G4 @ X2[..., None])[..., 0], (X1[..., None, :] @ G4)[..., 0, :]
 
-    def fn(p: Params) -> tuple[Tensor, Params]:
+    own = names(st)
+
+    def fn(params: Params) -> tuple[Tensor, Params]:
+        p = dict(zip(NAMES, (params[k] for k in own)))
         A1t, A2t = p["A1"].mT, p["A2"].mT  # (b, n, r1), (b, n, r2)
         KA = _kr_rows(A1t, A2t)  # (b, n, R) = K_Aᵀ
         KB = _kr_rows(p["B1"], p["B2"])  # (b, m, R)
@@ -254,7 +268,7 @@ def value_and_grad(M: Tensor, st: Structure):
         GA = (s * KAH - Q).mul_(w)  # (b, n, R) ∂e/∂K_Aᵀ
         gB1, gB2 = split(GB, p["B1"], p["B2"])
         gA1t, gA2t = split(GA, A1t, A2t)
-        return e, {"B1": gB1, "B2": gB2, "A1": gA1t.mT, "A2": gA2t.mT}
+        return e, dict(zip(own, (gB1, gA1t.mT, gB2, gA2t.mT)))
 
     return fn
 
@@ -272,7 +286,8 @@ def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window:
 
     sol = KRALS(M, st.scale)
     Bn = M.shape[0]
-    p = {k: p0[k] for k in NAMES}
+    own = names(st)
+    p = dict(zip(NAMES, (p0[k] for k in own)))
     active = torch.ones(Bn, dtype=torch.bool, device=M.device)
     hist = torch.zeros(steps + 1, Bn, dtype=torch.float64, device=M.device)
     prep = sol.prepare(p)
@@ -311,4 +326,4 @@ def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window:
     bar.close()
     if not math.isfinite(float(hist[k].max())):
         raise RuntimeError("Khatri-Rao ALS produced a non-finite error; please report")
-    return p, list(hist[: k + 1]), k
+    return {**p0, **{o: p[k] for k, o in zip(NAMES, own)}}, list(hist[: k + 1]), k

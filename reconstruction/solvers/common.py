@@ -2,21 +2,26 @@
 a method (what ALS and the reconstruction inits need), homogeneity probes, and
 the optimal rescaling of an update.
 
-Structure. Methods linear in each factor write
+Structure. Methods linear in each factor declare (``Method.product_terms`` and
+``Method.product_modulator``, read here; no solver looks a method up by name)
 
     ΔW = s · Σ_t F_t ⊙ Π_{(B, A) in t} (B A)                       (*)
 
 with F_t a fixed matrix (all-ones, W0, or a frozen SMoA mask M_k):
 
-    lora   [(B, A)]                         F = 1
-    hira   [(B, A)]                         F = W0
-    abba   [(B1, A1), (B2, A2)]             F = 1     (one term, two pairs)
-    loha   [(B1, A1), (B2, A2)]             F = 1
-    smoa   [(B_k, A_k)] for k = 0..K-1      F_k = M_k (K terms)
+    lora   ((B, A),)                        F = 1
+    hira   ((B, A),)                        F = W0      (modulator "w0")
+    abba   ((B1, A1), (B2, A2))             F = 1       (one term, two pairs)
+    loha   ((B1, A1), (B2, A2))             F = 1
+    smoa   ((B_{k}, A_{k}),) for k < K      F_k = M_k   (modulator "M", K terms)
 
 The scale s is not read from the config: it is measured by comparing (*) with
-``method.delta`` on random factors, which also checks that the description is
-right (a method whose ``delta`` changes is then simply not offered to ALS).
+``method.delta`` on random factors, which also checks that the declaration is
+right (a method whose ``delta`` does not match it is then simply not offered to ALS).
+Derived kinds: a *Hadamard pair* is one term of two pairs with F = 1 (ABBA, LoHa:
+``lora-warm`` and ``spectral`` starts, the Khatri-Rao solvers); a *low-rank* method one
+term of one pair with F = 1 (LoRA: the ``svd`` start). A method with a ``lora_term``
+(DoRA, α-LoRA) gets the ``lora-warm`` start ``lora_contained_init``.
 """
 
 from __future__ import annotations
@@ -27,21 +32,31 @@ import re
 import torch
 from torch import Tensor
 
+import theory
+
 Params = dict[str, Tensor]
 
-#: families written as (*) above
-PAIR_NAMES = {
-    "lora": [[("B", "A")]],
-    "hira": [[("B", "A")]],
-    "abba": [[("B1", "A1"), ("B2", "A2")]],
-    "loha": [[("B1", "A1"), ("B2", "A2")]],
-}
-ALS_FAMILIES = ("lora", "hira", "abba", "loha", "smoa")
-#: families of the form s·(B1 A1) ⊙ (B2 A2), which get the "lora-warm" init
-HADAMARD_PAIR = ("abba", "loha")
-#: methods (Adam only) that hold every rank-r LoRA update s·B A exactly at their
-#: config; they get the "lora-warm" init ``lora_contained_init``
-LORA_CONTAINING = ("dora", "alpha_lora")
+
+def _method(method):
+    return theory.get_method(method) if isinstance(method, str) else method
+
+
+def is_hadamard_pair(method) -> bool:
+    """ΔW = s (B1 A1) ⊙ (B2 A2): one term of two pairs, no fixed matrix (ABBA, LoHa)."""
+    t = _method(method).product_terms
+    return t is not None and len(t) == 1 and len(t[0]) == 2 and _method(method).product_modulator is None
+
+
+def is_low_rank(method) -> bool:
+    """ΔW = s B A: one term of one pair, no fixed matrix (LoRA)."""
+    t = _method(method).product_terms
+    return t is not None and len(t) == 1 and len(t[0]) == 1 and _method(method).product_modulator is None
+
+
+def has_als(method) -> bool:
+    """An ALS applies: the generic one (a product form) or an exact one of ``solvers.exact``."""
+    meth = _method(method)
+    return meth.product_terms is not None or meth.exact_als is not None
 
 
 def stalled(hist: Tensor, k: int, window: int, tol: float) -> Tensor:
@@ -98,17 +113,39 @@ def stack_init(method, w0: Tensor, config, seed: int, scheme: str) -> Params:
     return {k: torch.stack([p[k] for p in per]) for k in per[0]}
 
 
+def _declared_terms(method, params: Params, w0: Tensor | None) -> list[Term] | None:
+    """The terms of (*) as ``method`` declares them, for these factors (None: none)."""
+    decl, mod = method.product_terms, method.product_modulator
+    if decl is None:
+        return None
+    if mod == "w0":
+        if w0 is None:
+            return None
+        fixed_all = w0
+    elif mod is not None:
+        if mod not in params:
+            return None
+        fixed_all = params[mod]
+    else:
+        fixed_all = None
+    terms = []
+    for pairs in decl:
+        if any("{k}" in x for pair in pairs for x in pair):  # one term per slice k of F
+            if mod is None or mod == "w0":
+                return None
+            for k in range(fixed_all.shape[-3]):
+                terms.append(Term([(b.format(k=k), a.format(k=k)) for b, a in pairs],
+                                  fixed_all[..., k, :, :]))
+        else:
+            terms.append(Term(list(pairs), fixed_all))
+    return terms
+
+
 def structure(method, params: Params, w0: Tensor | None, config) -> Structure | None:
     """The (*) form of ``method`` for these factors, or None if it has none (or the
-    description does not reproduce ``method.delta``)."""
-    name = method.name
-    if name in PAIR_NAMES:
-        fixed = w0 if name == "hira" else None
-        terms = [Term(list(p), fixed) for p in PAIR_NAMES[name]]
-    elif name == "smoa" and "M" in params:
-        K = sum(1 for k in params if re.fullmatch(r"B_\d+", k))
-        terms = [Term([(f"B_{k}", f"A_{k}")], params["M"][:, k]) for k in range(K)]
-    else:
+    declaration does not reproduce ``method.delta``)."""
+    terms = _declared_terms(method, params, w0)
+    if not terms:
         return None
     if any(k not in params for t in terms for pair in t.pairs for k in pair):
         return None
@@ -204,12 +241,14 @@ def rescale_start(method, M: Tensor, w0: Tensor | None, config, params: Params,
     its B's, which ruins float32 gradients), then the four factors are scaled by
     |c|^(1/4) each (A2 also by sign c). Another method's ``hom`` group is scaled by
     c. Nothing is rescaled where ΔW = 0 or c = 0 (no direction to keep)."""
-    if method.name not in HADAMARD_PAIR and not hom:
+    pair = is_hadamard_pair(method)
+    if not pair and not hom:
         return params
     with torch.no_grad():
         out = dict(params)
-        if method.name in HADAMARD_PAIR:
-            for b, a in (("B1", "A1"), ("B2", "A2")):
+        if pair:
+            (b1, a1), (b2, a2) = method.product_terms[0]
+            for b, a in ((b1, a1), (b2, a2)):
                 nb = torch.linalg.vector_norm(out[b], dim=-2)  # (batch, r) column norms
                 na = torch.linalg.vector_norm(out[a], dim=-1)  # (batch, r) row norms
                 ok = (nb > 0) & (na > 0)
@@ -218,11 +257,11 @@ def rescale_start(method, M: Tensor, w0: Tensor | None, config, params: Params,
                 out[b], out[a] = out[b] * g[..., None, :], out[a] / g[..., :, None]
         c = optimal_rescale(M, method.delta(out, w0, config))  # (b,)
         c = torch.where(torch.isfinite(c) & (c != 0), c, torch.ones_like(c))
-        if method.name not in HADAMARD_PAIR:
+        if not pair:
             return scale_factors(out, hom, c)
         q = c.abs() ** 0.25
-        out = scale_factors(out, ["B1", "A1", "B2"], q)
-        return scale_factors(out, ["A2"], q * c.sign())
+        out = scale_factors(out, [b1, a1, b2], q)
+        return scale_factors(out, [a2], q * c.sign())
 
 
 def truncated_factors(Z: Tensor, r: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -349,10 +388,10 @@ def svd_init(method, M: Tensor, params: Params, st: Structure) -> Params:
 
 
 def lora_contained_init(method, M: Tensor, w0: Tensor, params: Params, config) -> Params:
-    """The "lora-warm" start of a method that contains rank-r LoRA (DoRA, α-LoRA):
-    the rank-r LoRA optimum itself, L = U_r Σ_r V_rᵀ (truncated SVD of M (b, m, n)),
-    written in the method's factors with s = ``config.scale`` (B: (b, m, r),
-    A: (b, r, n), s B A = L):
+    """The "lora-warm" start of a method that contains rank-r LoRA (``Method.lora_term``:
+    DoRA, α-LoRA): the rank-r LoRA optimum itself, L = U_r Σ_r V_rᵀ (truncated SVD of M
+    (b, m, n)), written in the method's LoRA factors with s = ``config.scale`` (B: (b, m, r),
+    A: (b, r, n), s B A = L), the other factors set by ``method.embed_lora``:
 
     α-LoRA   ΔW = (α − 1) ⊙_rows W0 + s B A:   α = 1                       => ΔW = L
     DoRA     ΔW = mag ⊙ V / ‖V‖_row − W0, V = W0 + s B A:
@@ -364,45 +403,44 @@ def lora_contained_init(method, M: Tensor, w0: Tensor, params: Params, config) -
     −⟨R_i, W0_i⟩ / ‖V_i‖ and for α-LoRA ∂e/∂α_i ∝ −⟨R_i, W0_i⟩ (R = M − L, whose rows
     are orthogonal to those of L), so the extra row parameters start moving at once.
     """
-    if method.name not in LORA_CONTAINING:
+    if method.lora_term is None:
         raise ValueError(f"{method.name}: no lora-warm start (it does not contain LoRA)")
-    r = params["B"].shape[-1]
+    bn, an = method.lora_term
+    r = params[bn].shape[-1]
     s = float(getattr(config, "scale", 1.0))
     if s == 0.0:
         raise ValueError(f"{method.name}: lora-warm needs a nonzero LoRA scale s")
     B, A = truncated_factors(M.double(), r, s)  # (b, m, r), (b, r, n)
     out = dict(params)
-    out["B"], out["A"] = B.to(params["B"]), A.to(params["A"])
-    if method.name == "alpha_lora":
-        out["alpha"] = torch.ones_like(params["alpha"])  # (b, m)
-    else:  # dora: the row norms of V, computed from the stored (rounded) factors
-        V = w0.to(out["B"]) + s * (out["B"] @ out["A"])  # (b, m, n)
-        out["magnitude"] = torch.linalg.vector_norm(V, dim=-1).to(params["magnitude"])  # (b, m)
-    return out
+    out[bn], out[an] = B.to(params[bn]), A.to(params[an])
+    return method.embed_lora(out, w0, config)
 
 
-def extra_inits(method_name: str) -> tuple[str, ...]:
-    """Reconstruction inits offered on top of the method's own."""
-    if method_name in HADAMARD_PAIR:
+def extra_inits(method) -> tuple[str, ...]:
+    """Reconstruction inits offered on top of the method's own (``method``: a Method or a
+    registry name)."""
+    method = _method(method)
+    if is_hadamard_pair(method):
         return ("lora-warm", "spectral")
-    if method_name in LORA_CONTAINING:
+    if method.lora_term is not None:
         return ("lora-warm",)
-    if method_name == "lora":
+    if is_low_rank(method):
         return ("svd",)
     return ()
 
 
 def initial_params(method, M: Tensor, w0: Tensor, config, seed: int, scheme: str) -> Params:
     """Batched starting factors (b, ...) for ``scheme``: one of ``method.inits``
-    or a reconstruction init (``lora-warm``, ``spectral`` for ABBA/LoHa, ``lora-warm``
-    for DoRA/α-LoRA, ``svd`` for LoRA)."""
+    or a reconstruction init (``lora-warm``, ``spectral`` for a Hadamard pair, ``lora-warm``
+    for a method with a LoRA term, ``svd`` for a low-rank one)."""
     if scheme in method.inits:
         return stack_init(method, w0, config, seed, scheme)
-    if scheme not in extra_inits(method.name):
-        known = ", ".join((*method.inits, *extra_inits(method.name)))
+    extra = extra_inits(method)
+    if scheme not in extra:
+        known = ", ".join((*method.inits, *extra))
         raise ValueError(f"{method.name}: unknown init {scheme!r}; known: {known}")
     base = stack_init(method, w0, config, seed, method.inits[0])
-    if method.name in LORA_CONTAINING:  # no product form needed: ΔW = L exactly
+    if method.lora_term is not None:  # no product form needed: ΔW = L exactly
         return lora_contained_init(method, M, w0, base, config)
     st = structure(method, base, w0, config)
     if st is None:

@@ -82,10 +82,11 @@ from torch import Tensor
 
 from .common import Params, finish_step, truncated_factors
 
-#: methods with a closed-form (linear least-squares) best fit here
-CLOSED_FORM = ("pmss", "miss")
-#: methods fitted by the exact alternating solvers here
-ALS = ("vera", "lokr")
+#: the closed forms (``Method.closed_form``) solved here: PMSS's core, MiSS's shard
+CLOSED_FORMS = ("core", "shard")
+#: the exact alternating solvers (``Method.exact_als``) here: VeRA's scalings, LoKr's
+#: Kronecker factors
+EXACT_ALS = ("scalings", "kronecker")
 
 F64 = torch.float64
 
@@ -182,12 +183,12 @@ def fit_miss(M: Tensor, w0: Tensor | None, config, p0: Params) -> Params:
 def closed_form(method, M: Tensor, w0: Tensor | None, config, p0: Params) -> Params:
     """The optimal factors of PMSS or MiSS for the targets M (b, m, n); ``p0``: the
     method's init (its frozen factors and the shapes)."""
-    if method.name == "pmss":
+    if method.closed_form == "core":
         return fit_pmss(M, p0)
-    if method.name == "miss":
+    if method.closed_form == "shard":
         return fit_miss(M, w0, config, p0)
     raise ValueError(f"{method.name}: no closed form here "
-                     f"(exact closed forms: {', '.join(CLOSED_FORM)})")
+                     f"(exact closed forms: {', '.join(CLOSED_FORMS)})")
 
 
 # --------------------------------------------------------------------------- #
@@ -449,9 +450,9 @@ def run_als(method, M: Tensor, w0: Tensor | None, config, p0: Params, *, steps: 
     Returns (params, history [(b,) per sweep, the start first], sweeps)."""
     window = window or 5
     with torch.no_grad():
-        if method.name == "vera":
+        if method.exact_als == "scalings":
             return run_vera(M, p0, steps=steps, tol=tol, window=window, progress=progress)
-        if method.name == "lokr":
+        if method.exact_als == "kronecker":
             return run_lokr(method, M, config, p0, steps=steps, tol=tol, window=window,
                             progress=progress, warm=warm)
-    raise ValueError(f"{method.name}: no exact ALS here (exact ALS: {', '.join(ALS)})")
+    raise ValueError(f"{method.name}: no exact ALS here (exact ALS: {', '.join(EXACT_ALS)})")

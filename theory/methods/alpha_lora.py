@@ -46,6 +46,7 @@ class AlphaLoRA(Method):
     Config = AlphaLoraConfig
     inits = ("paper", "gaussian")
     needs_w0 = True
+    lora_term = ("B", "A")
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)
@@ -77,6 +78,10 @@ class AlphaLoRA(Method):
     def forward(self, x, params, w0, config=None):
         s = 1.0 if config is None else config.scale
         return (x @ w0.mT) * params["alpha"][..., None, :] + s * ((x @ params["A"].mT) @ params["B"].mT)
+
+    def embed_lora(self, params: Params, w0: Tensor, config: AlphaLoraConfig) -> Params:
+        """α = 1: then ΔW = s B A exactly."""
+        return {**params, "alpha": torch.ones_like(params["alpha"])}
 
     def n_params(self, m, n, config):
         return config.r * (m + n) + m
