@@ -67,6 +67,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -81,6 +82,7 @@ from .solvers.adam import run_adam
 from .solvers.common import (
     extra_inits,
     finish_step,
+    per_target_steps,
     has_als,
     homogeneous_factors,
     initial_params,
@@ -142,6 +144,8 @@ class FitResult:
     history_per_target: Tensor | None = None
     #: per target, the restart (init, seed) that won
     winners: list[str] = dataclasses.field(default_factory=list)
+    #: per target, the iterations a fit of it alone would report (``steps`` is their max)
+    steps_per_target: Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"FitResult({self.method} {self.config}, solver={self.solver}, init={self.init}, "
@@ -261,7 +265,8 @@ def _threads_for(M: Tensor):
 
 
 def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = None,
-        solver: str = "auto", steps: int | None = None, init: str | None = None, seed: int = 0,
+        solver: str = "auto", steps: int | None = None, init: str | None = None,
+        seed: int | Sequence[int] = 0,
         lr: float | None = None, device=None, dtype=None, progress: bool = False,
         tol: float = 1e-7, restarts: int = 1, schedule: str = "cosine",
         window: int | None = None, params0: dict[str, Tensor] | None = None) -> FitResult:
@@ -270,13 +275,20 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
 
     ``w0`` (B, m, n) or (m, n): the base weights (needed by HiRA, SMoA...; ABBA's paper
     init reads it). Without it a stand-in N(0, 1/n) drawn from ``seed`` is used and
-    ``FitResult.init`` says so. ``steps``: Adam steps (default 2000) or ALS sweeps
+    ``FitResult.init`` says so. ``seed``: one for every target, or one per target (then
+    each target gets the starts, and the W0 stand-in, of a fit of it alone with its
+    seed). ``steps``: Adam steps (default 2000) or ALS sweeps
     (default 200). ``restarts``: number of starts (seeds seed, seed+1, ...); the best
     is kept per target (ALS: screened, see the module docstring). ``tol``/``window``:
     stop a target when its error improved by less than ``tol`` (relative) over
     ``window`` steps/sweeps. ``params0``: start from
     these factors (batched like the targets, e.g. another fit's ``params``: ALS then
     Adam) instead of an init.
+
+    Batching changes no target's numbers: every target keeps its own starts, stopping
+    rule and solver state, and one that stops is left as it is while the others go on
+    (on a CPU with one thread, bit for bit; ``tests/test_sweep.py``). Its iteration count
+    is ``FitResult.steps_per_target``.
     """
     with _threads_for(M if torch.is_tensor(M) else torch.zeros(1, 1)):
         return _fit(method, M, config, w0=w0, solver=solver, steps=steps, init=init, seed=seed,
@@ -300,10 +312,16 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         raise ValueError(f"steps must be >= 0, got {steps}")
     if int(restarts) < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
+    seeds, per_target = _seeds(seed, Bn)
     w0_note = ""
     if w0 is None:
-        g = torch.Generator().manual_seed(int(seed) + 7919)
-        w0 = (torch.randn(Bn, m, n, generator=g, dtype=torch.float64) / math.sqrt(n)).to(M)
+        if not per_target:
+            g = torch.Generator().manual_seed(seeds[0] + 7919)
+            w0 = torch.randn(Bn, m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+        else:  # each target's own stand-in, as drawn for it alone
+            w0 = torch.cat([torch.randn(1, m, n, generator=torch.Generator().manual_seed(s + 7919),
+                                        dtype=torch.float64) for s in seeds]) / math.sqrt(n)
+        w0 = w0.to(M)
         w0_note = " (W0 stand-in N(0,1/n))" if meth.needs_w0 else ""
     else:
         if not torch.is_tensor(w0):
@@ -333,7 +351,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
                          f"solvers: {', '.join(avail)}")
 
     # fit at unit RMS when ΔW is linear in some factor group
-    probe_params = initial_params(meth, M[:1], w0[:1], config, seed, meth.inits[0])
+    probe_params = initial_params(meth, M[:1], w0[:1], config, seeds[0], meth.inits[0])
     hom = homogeneous_factors(meth, probe_params, w0[:1], config)
     rms = ((M * M).mean((-2, -1)).sqrt())  # (B,)
     c = torch.where(rms > 0, rms, torch.ones_like(rms)) if hom else torch.ones_like(rms)
@@ -344,9 +362,9 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         starts = starts[:1]
     best_p, best_e, best_hist, winners = None, None, None, [""] * Bn
     diverged = torch.zeros(Bn, dtype=torch.bool)
-    n_steps = 0
+    n_steps = torch.zeros(Bn, dtype=torch.long)  # per target
     if params0 is not None:  # warm start from given factors (e.g. a previous FitResult.params)
-        ref = initial_params(meth, Mt[:1], w0[:1], config, seed, meth.inits[0])
+        ref = initial_params(meth, Mt[:1], w0[:1], config, seeds[0], meth.inits[0])
         bad = [k for k in ref if k not in params0 or tuple(params0[k].shape[1:]) != tuple(ref[k].shape[1:])
                or params0[k].shape[0] != Bn]
         if bad:
@@ -365,7 +383,8 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         if chosen == "svd":
             p = (_exact.closed_form if meth.closed_form in _exact.CLOSED_FORMS else fit_svd)(
                 meth, Mt, w0, config, p0)
-            return p, [relative_error(Mt, meth.delta(p, w0, config)).double()], 0, div
+            return p, [relative_error(Mt, meth.delta(p, w0, config)).double()], \
+                torch.zeros(Bn, dtype=torch.long), div
         if chosen == "als" and meth.exact_als is not None:
             p, hist, k = _exact.run_als(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
                                         progress=progress, warm=scheme in ("given", "continued"))
@@ -385,16 +404,17 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         return p, hist, k, div
 
     for scheme, off in starts:
-        p0 = given if scheme == "given" else initial_params(meth, Mt, w0, config, seed + off, scheme)
+        p0 = given if scheme == "given" else _initial(meth, Mt, w0, config, seeds, off, scheme)
         p, hist, k, div = solve(p0, scheme, screen or total)
         with torch.no_grad():
             e = relative_error(Mt.double(), meth.delta(p, w0, config).double())  # (B,)
             e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
-        n_steps = max(n_steps, k)
+        n_steps = torch.maximum(n_steps, k)
         H = torch.stack([h.double().cpu() for h in hist])  # (steps+1, B)
+        label = [f"{scheme}:{s + off}" for s in seeds]
         if best_p is None:
             best_p, best_e, best_hist = p, e, H
-            winners = [f"{scheme}:{seed + off}"] * Bn
+            winners = label
             diverged = div.cpu()
             continue
         better = e < (best_e * (1 - SCREEN_MARGIN) if screen else best_e)
@@ -403,7 +423,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         L = max(best_hist.shape[0], H.shape[0])
         best_hist = torch.where(better.cpu()[None], _pad(H, L), _pad(best_hist, L))
         diverged = torch.where(better.cpu(), div.cpu(), diverged)
-        winners = [f"{scheme}:{seed + off}" if bool(better[b]) else winners[b] for b in range(Bn)]
+        winners = [label[b] if bool(better[b]) else winners[b] for b in range(Bn)]
 
     if screen is not None and total > screen:  # the screened best start runs the rest
         p, hist, k, div = solve(best_p, "continued", total - screen)
@@ -413,7 +433,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         best_p = _take(better, p, best_p)
         H = torch.stack([h.double().cpu() for h in hist])
         best_hist = torch.cat([best_hist, torch.where(better.cpu()[None], H[1:], best_hist[-1:])])
-        n_steps = max(n_steps, screen + k)
+        n_steps = torch.maximum(n_steps, screen + k)
 
     params = best_p
     with torch.no_grad():
@@ -431,9 +451,45 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
     return FitResult(
         method=meth.name, config=config, solver=chosen, init=init_label + w0_note,
         params=params, delta=delta, rel_error=rel,
-        history=[float(h.mean()) for h in best_hist], steps=int(n_steps),
+        history=[float(h.mean()) for h in best_hist], steps=int(n_steps.max()),
         seconds=time.perf_counter() - t_start, diverged=diverged.cpu(),
-        history_per_target=best_hist, winners=winners)
+        history_per_target=best_hist, winners=winners, steps_per_target=n_steps)
+
+
+def _seeds(seed, Bn: int) -> tuple[list[int], bool]:
+    """(one seed per target, whether they were given per target) from an int (the same
+    for all) or a sequence of Bn ints."""
+    if not isinstance(seed, Sequence):
+        return [int(seed)] * Bn, False
+    seeds = [int(s) for s in seed]
+    if len(seeds) != Bn:
+        raise ValueError(f"{len(seeds)} seeds for {Bn} targets: give one seed, or one per target")
+    return seeds, True
+
+
+def _initial(meth, M: Tensor, w0: Tensor, config, seeds: list[int], off: int, scheme: str):
+    """``initial_params`` with each target's own seed (+ off): one call per distinct seed,
+    on the targets that have it, put back in the batch's order."""
+    uniq = list(dict.fromkeys(seeds))
+    if len(uniq) == 1:
+        return initial_params(meth, M, w0, config, uniq[0] + off, scheme)
+    one: list[dict[str, Tensor]] = [{}] * len(seeds)  # per target, its factors (1, ...)
+    for s in uniq:
+        idx = [b for b, x in enumerate(seeds) if x == s]
+        ii = torch.tensor(idx, device=M.device)
+        p = initial_params(meth, M[ii], w0[ii], config, s + off, scheme)
+        for j, b in enumerate(idx):
+            one[b] = {k: v[j:j + 1] for k, v in p.items()}
+    return {k: _cat_like([o[k] for o in one]) for k in one[0]}
+
+
+def _cat_like(ts: list[Tensor]) -> Tensor:
+    """torch.cat on dim 0 keeping each matrix's memory layout (an SVD's factors are
+    column-major): reductions over a factor then add in the same order as for the
+    factor alone, so a target's numbers do not depend on its batch."""
+    if ts[0].ndim >= 2 and not ts[0].is_contiguous() and ts[0].mT.is_contiguous():
+        return torch.cat([t.mT for t in ts]).mT
+    return torch.cat(ts)
 
 
 def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
@@ -481,11 +537,13 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
     hist = torch.zeros(steps + 1, Bn, dtype=torch.float64, device=M.device)  # preallocated
     hist[0] = e
     k = 0
+    its = torch.zeros(Bn, dtype=torch.long, device=M.device)
     bar = tqdm(total=steps, disable=not progress, desc=f"als {meth.name}", leave=False)
     names = [x for t in st.terms for pair in t.pairs for x in pair]
     beta = torch.full((Bn,), 0.5, dtype=torch.float64, device=M.device)
     with torch.no_grad():
         for k in range(1, steps + 1):
+            its.masked_fill_(active, k)
             prev = p
             p = _als.als_sweep(st, M, p, order, active)
             e = relative_error(M.double(), st.delta(p).double())
@@ -495,4 +553,4 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
             if finish_step(bar, hist, k, active, window, tol):
                 break
         bar.close()
-    return p, list(hist[: k + 1]), k
+    return p, list(hist[: k + 1]), per_target_steps(its, k)

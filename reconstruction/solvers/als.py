@@ -68,10 +68,11 @@ def solve_rows(Gd: Tensor, rd: Tensor, B_old: Tensor, s: float, ridge: float = 1
     Greg = Gd if overwrite else Gd.clone()
     torch.diagonal(Greg, dim1=-2, dim2=-1).add_(lam[..., None])  # G + λ I
     L, info = torch.linalg.cholesky_ex(Greg)
-    if bool((info != 0).any()):
-        Bn = torch.linalg.lstsq(Greg.expand(b, m, r, r), rd[..., None]).solution[..., 0]
-    else:
-        Bn = torch.cholesky_solve(rd[..., None], L.expand(b, m, r, r))[..., 0]  # (b, m, r)
+    Bn = torch.cholesky_solve(rd[..., None], L.expand(b, m, r, r))[..., 0]  # (b, m, r)
+    failed = (info != 0).flatten(1).any(1)  # (b,): a target with a failed factorization
+    if bool(failed.any()):  # solves all its rows by least squares (per target: batch-blind)
+        ls = torch.linalg.lstsq(Greg.expand(b, m, r, r)[failed], rd[failed][..., None]).solution[..., 0]
+        Bn = Bn.index_put((failed.nonzero()[:, 0],), ls)
     Bn = Bn / s
 
     def obj(X: Tensor) -> Tensor:  # row objective minus const: s² xᵀGx − 2 s xᵀrhs

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .als import pair_norm, solve_rows
-from .common import Params, Structure, finish_step
+from .common import Params, Structure, finish_step, per_target_steps
 
 #: the names the solver uses inside; a method's own names (its ``product_terms``) are
 #: mapped onto them at the entry and back at the exit
@@ -280,8 +280,8 @@ def _where(mask: Tensor, a: Params, b: Params) -> Params:
 def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window: int,
         progress: bool, extrapolate: bool = True, label: str = "als"):
     """Sweeps until ``steps`` or every target stalls (error improved by less than
-    ``tol`` relatively over ``window`` sweeps). Returns (params, history, sweeps)
-    like ``fit._run_als``: history[k] (b,) is the error after sweep k."""
+    ``tol`` relatively over ``window`` sweeps). Returns (params, history, sweeps per
+    target (b,)) like ``fit._run_als``: history[k] (b,) is the error after sweep k."""
     from tqdm.auto import tqdm
 
     sol = KRALS(M, st.scale)
@@ -294,9 +294,11 @@ def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window:
     hist[0] = prep.err
     beta = torch.full((Bn,), 0.5, dtype=torch.float64, device=M.device)
     k = 0
+    its = torch.zeros(Bn, dtype=torch.long, device=M.device)
     bar = tqdm(total=steps, disable=not progress, desc=label, leave=False)
     with torch.no_grad():
         for k in range(1, steps + 1):
+            its.masked_fill_(active, k)
             new, e = sol.sweep(prep)
             new = _where(active, new, p)
             e = torch.where(active, e, hist[k - 1])
@@ -326,4 +328,4 @@ def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window:
     bar.close()
     if not math.isfinite(float(hist[k].max())):
         raise RuntimeError("Khatri-Rao ALS produced a non-finite error; please report")
-    return {**p0, **{o: p[k] for k, o in zip(NAMES, own)}}, list(hist[: k + 1]), k
+    return {**p0, **{o: p[x] for x, o in zip(NAMES, own)}}, list(hist[: k + 1]), per_target_steps(its, k)

@@ -69,9 +69,20 @@ def stalled(hist: Tensor, k: int, window: int, tol: float) -> Tensor:
     return (old - hist[k]) <= tol * old
 
 
+def per_target_steps(its: Tensor, k: int) -> Tensor:
+    """The iterations each target ran, as a fit of that target alone reports them: ``its``
+    holds, per target, the last iteration it entered active (``its.masked_fill_(active, k)``
+    at the top of each iteration; (..., b), the best start's are the largest); a target
+    inactive from the start still counts the one pass its lone loop would make. (b,) long cpu."""
+    its = its.reshape(-1, its.shape[-1]).amax(0) if its.ndim > 1 else its
+    return its.clamp_min(min(k, 1)).long().cpu()
+
+
 def finish_step(bar, hist: Tensor, k: int, active: Tensor, window: int, tol: float) -> bool:
     """The end of iteration k of every solver loop: tick the progress bar, drop the
-    targets that ``stalled`` from ``active`` (in place); True when none is left."""
+    targets that ``stalled`` from ``active`` (in place); True when none is left. A target
+    that stops is left exactly as it is while the others go on, so a target's result does
+    not depend on the rest of the batch."""
     bar.update(1)
     active &= ~stalled(hist, k, window, tol)
     return not bool(active.any())
@@ -106,10 +117,31 @@ class Structure:
         return self.scale * out
 
 
+#: the last few ``method.init`` results, [(key, w0, params)]: a sweep fits many targets
+#: with the same W0 (the stand-in depends on the seed alone), and some inits cost seconds
+#: at 1000×1000 (PMSS's pivoted QR, SMoA's SVD)
+_INITS: list[tuple[tuple, Tensor, Params]] = []
+_INITS_KEEP = 4
+
+
+def _init_one(method, w0: Tensor, config, seed: int, scheme: str) -> Params:
+    """``method.init(w0, config, seed, scheme)`` (w0 (m, n)), remembered for the last few
+    W0 (compared exactly): an init is a function of these alone."""
+    key = (type(method), method.name, config, int(seed), scheme, w0.dtype, w0.device, tuple(w0.shape))
+    for k, w, p in _INITS:
+        if k == key and torch.equal(w, w0):
+            return {name: v.clone() for name, v in p.items()}
+    p = method.init(w0, config, int(seed), scheme=scheme)
+    _INITS.append((key, w0.clone(), {name: v.clone() for name, v in p.items()}))
+    del _INITS[:-_INITS_KEEP]
+    return p
+
+
 def stack_init(method, w0: Tensor, config, seed: int, scheme: str) -> Params:
     """``method.init`` on each target separately with the same seed, stacked on dim 0:
-    a target's starting point does not depend on the rest of the batch."""
-    per = [method.init(w0[b], config, int(seed), scheme=scheme) for b in range(w0.shape[0])]
+    a target's starting point does not depend on the rest of the batch (targets with the
+    same W0 share one call)."""
+    per = [_init_one(method, w0[b], config, seed, scheme) for b in range(w0.shape[0])]
     return {k: torch.stack([p[k] for p in per]) for k in per[0]}
 
 

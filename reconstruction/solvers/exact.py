@@ -80,7 +80,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, finish_step, truncated_factors
+from .common import Params, finish_step, per_target_steps, truncated_factors
 
 #: the closed forms (``Method.closed_form``) solved here: PMSS's core, MiSS's shard
 CLOSED_FORMS = ("core", "shard")
@@ -266,7 +266,7 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
     Each sweep: b-step (V1), d-step (V2), a step kept only where it does not raise
     (V3); the best start is kept per target.
     Returns (params, history [(b,) per sweep of the winning start, the start first],
-    sweeps)."""
+    sweeps per target (b,))."""
     st = _Vera(M, p0["A"], p0["B"])
     Bn = M.shape[0]
     m, r = p0["B"].shape[-2:]
@@ -280,8 +280,10 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
     hist = torch.zeros(steps + 1, K, Bn, dtype=F64, device=M.device)
     hist[0] = st.err(b, num, q)
     k = 0
+    its = torch.zeros(K, Bn, dtype=torch.long, device=M.device)
     bar = _bar(steps, progress, "als vera")
     for k in range(1, steps + 1):
+        its.masked_fill_(active, k)
         e_old = hist[k - 1]
         b1 = st.b_step(b, num, q)
         e1 = st.err(b1, num, q)
@@ -308,7 +310,7 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
     t = _balance(b, d)
     out["b"] = (b * t[:, None]).to(p0["b"])
     out["d"] = (d / t[:, None]).to(p0["d"])
-    return out, list(hist[: k + 1, win, ar]), k
+    return out, list(hist[: k + 1, win, ar]), per_target_steps(its, k)
 
 
 # --------------------------------------------------------------------------- #
@@ -357,7 +359,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
     r = int(config.r)
     s = float(config.scale)
     if s == 0.0:  # ΔW = 0 whatever the factors
-        return dict(p0), [torch.ones(Bn, dtype=F64, device=M.device)], 0
+        return dict(p0), [torch.ones(Bn, dtype=F64, device=M.device)], torch.zeros(Bn, dtype=torch.long)
     Rm = rearrange(M.to(F64), a, bb, c, d)  # (b, a c, bb d)
     nM = (Rm * Rm).sum((-2, -1)).clamp_min(1e-300)  # (b,)
     exact_start = sh.full_w1 and sh.full_w2  # (K2) is the optimum
@@ -411,8 +413,10 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
     hist = torch.zeros(steps + 1, K, Bn, dtype=F64, device=M.device)
     hist[0] = err(w1, w2, Rw2)
     k = 0
+    its = torch.zeros(K, Bn, dtype=torch.long, device=M.device)
     bar = _bar(steps, progress, "als lokr")
     for k in range(1, steps + 1):
+        its.masked_fill_(active, k)
         e_old = hist[k - 1]
         w1n = w1_step(w2, Rw2, w1)
         w2n = w2_step(w1n, w2)
@@ -439,7 +443,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         else:
             Bf, Af = truncated_factors(W, r)
             out[f"B{i}"], out[f"A{i}"] = Bf.to(p0[f"B{i}"]), Af.to(p0[f"A{i}"])
-    return out, list(hist[: k + 1, win, ar]), k
+    return out, list(hist[: k + 1, win, ar]), per_target_steps(its, k)
 
 
 def run_als(method, M: Tensor, w0: Tensor | None, config, p0: Params, *, steps: int,
