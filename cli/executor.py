@@ -218,10 +218,8 @@ class RayExecutor(Executor):
         self.owned = False  # whether close() shuts the instance down
         if not ray.is_initialized():
             try:
-                ray.init(address=address or None, num_cpus=None if address else num_cpus,
-                         include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-                         logging_level=logging.ERROR, configure_logging=False)
-            except (ConnectionError, RuntimeError, OSError, ValueError) as e:
+                _init(ray, address=address or None, num_cpus=None if address else num_cpus)
+            except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions on start-up
                 where = f"at {address}" if address else "on this machine"
                 raise ValueError(f"--executor ray: could not start or join a Ray cluster {where} "
                                  f"({_reason(e)})") from None
@@ -246,6 +244,10 @@ class RayExecutor(Executor):
         if self.gpus > gpu:
             have = "no GPU" if gpu == 0 else f"{gpu:g} GPUs at most on a node"
             raise ValueError(f"--gpus-per-task {self.gpus:g} is more than the Ray cluster has ({have})")
+
+    def largest_node_memory(self) -> int:
+        """Bytes of memory of the largest node (Ray's "memory" resource)."""
+        return int(max((n["Resources"].get("memory", 0.0) for n in self._nodes()), default=0.0))
 
     def describe(self) -> str:
         nodes = self._nodes()
@@ -290,10 +292,25 @@ class RayExecutor(Executor):
         self.owned = False
 
 
-def local_ray(num_cpus: int = 2) -> None:
+def local_ray(num_cpus: int = 2, num_gpus: int = 0) -> None:
     """Start (once per process) a small local Ray instance, no dashboard; later
-    :class:`RayExecutor` s reuse it and leave it running (tests share one per session)."""
+    :class:`RayExecutor` s reuse it and leave it running (tests share one per session).
+    ``num_gpus`` declares GPUs to Ray's scheduler (on a machine without one: to test the
+    scheduling of GPU requests only)."""
     ray = _import_ray()
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
+        _init(ray, num_cpus=num_cpus, num_gpus=num_gpus)
+
+
+def _init(ray, tries: int = 3, **kw) -> None:
+    """``ray.init`` without the dashboard or log forwarding; a local start that times out
+    (Ray waits 30 s for its raylet, too little on a loaded machine) is tried again."""
+    for attempt in range(tries):
+        try:
+            ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+                     logging_level=logging.ERROR, configure_logging=False, **kw)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a slow start
+            if "timed out during startup" not in str(e) or attempt == tries - 1 or kw.get("address"):
+                raise
+            ray.shutdown()

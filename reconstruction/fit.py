@@ -121,7 +121,13 @@ def relative_error(M: Tensor, D: Tensor) -> Tensor:
 def lora_optimum(M: Tensor, r: int) -> Tensor:
     """Exact best relative error of rank-r LoRA, Σ_{k>r} σ_k² / Σ_k σ_k² (Eckart-Young),
     per matrix: (..., m, n) -> (...)."""
-    s2 = torch.linalg.svdvals(M) ** 2  # (..., p)
+    return lora_optimum_from_sv(torch.linalg.svdvals(M), r)
+
+
+def lora_optimum_from_sv(s: Tensor, r: int) -> Tensor:
+    """``lora_optimum`` from the singular values s (..., p) of the targets (one SVD serves
+    every rank)."""
+    s2 = s ** 2  # (..., p)
     tot = s2.sum(-1)
     tail = s2[..., int(r):].sum(-1)
     return tail / torch.where(tot > 0, tot, torch.ones_like(tot))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, Structure
+from .common import Params, Structure, lstsq_driver
 
 
 def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
@@ -71,7 +71,8 @@ def solve_rows(Gd: Tensor, rd: Tensor, B_old: Tensor, s: float, ridge: float = 1
     Bn = torch.cholesky_solve(rd[..., None], L.expand(b, m, r, r))[..., 0]  # (b, m, r)
     failed = (info != 0).flatten(1).any(1)  # (b,): a target with a failed factorization
     if bool(failed.any()):  # solves all its rows by least squares (per target: batch-blind)
-        ls = torch.linalg.lstsq(Greg.expand(b, m, r, r)[failed], rd[failed][..., None]).solution[..., 0]
+        ls = torch.linalg.lstsq(Greg.expand(b, m, r, r)[failed], rd[failed][..., None],
+                                driver=lstsq_driver(Greg)).solution[..., 0]
         Bn = Bn.index_put((failed.nonzero()[:, 0],), ls)
     Bn = Bn / s
 

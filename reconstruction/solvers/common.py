@@ -335,6 +335,13 @@ def lora_warm(method, M: Tensor, params: Params, st: Structure, seed: int, eps: 
     return out
 
 
+def lstsq_driver(A: Tensor) -> str | None:
+    """``torch.linalg.lstsq``'s driver: gelsd on a CPU (SVD-based, minimum norm, and the
+    same bits whatever the workspace's alignment, unlike the default gelsy), the
+    default (gels, the only one) on a GPU."""
+    return "gelsd" if A.device.type == "cpu" else None
+
+
 def _rank1_split(Z: Tensor, r1: int, r2: int) -> tuple[Tensor, Tensor]:
     """Rows of Z (..., k, r1 r2) reshaped to r1×r2 and cut to their best rank-1
     u√σ ⊗ v√σ: returns (..., k, r1) and (..., k, r2)."""
@@ -398,7 +405,9 @@ def spectral_init(method, M: Tensor, params: Params, st: Structure, seed: int,
     L = U @ X  # (b, m, K), rows ≈ b1_i ⊗ b2_i
     B1, B2 = _rank1_split(L, r1, r2)
     L = (B1[..., :, None] * B2[..., None, :]).reshape(Bn, m, K)
-    Rt = torch.linalg.lstsq(L, Md).solution  # (b, K, n):  M ≈ L Rᵀ
+    # gelsd (SVD) on a CPU: LAPACK's default gelsy rounds differently with the memory
+    # alignment of its workspace, so the start would change from call to call
+    Rt = torch.linalg.lstsq(L, Md, driver=lstsq_driver(L)).solution  # (b, K, n):  M ≈ L Rᵀ
     A1t, A2t = _rank1_split(Rt.mT, r1, r2)  # (b, n, r1), (b, n, r2)
     s = st.scale
     out = dict(params)
