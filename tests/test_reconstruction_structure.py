@@ -99,7 +99,7 @@ def test_declared_structure_picks_the_solvers_and_starts_without_any_name_list()
     assert {n for n, d in declared.items() if d[2]} == {"dora", "alpha_lora"}
     assert {n for n in theory.available() if common.is_hadamard_pair(n)} == {"abba", "loha"}
     assert {n for n in theory.available() if theory.get_method(n).product_terms} == {
-        "lora", "hira", "abba", "loha", "smoa"}
+        "lora", "hira", "hut", "abba", "loha", "smoa"}
 
 
 @pytest.mark.parametrize("solver,init", [("als", "lora-warm"), ("lbfgs", "lora-warm"),

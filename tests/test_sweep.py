@@ -240,7 +240,7 @@ BAD = [
     (["--restarts", "0"], "--restarts"),
     (["--solver", "foo"], "--solver foo"),
     (["--init", "foo"], "--init foo"),
-    (["--methods", "hut", "--solver", "als"], "does not apply to hut"),
+    (["--methods", "hut", "--solver", "svd"], "does not apply to hut"),
     (["--conventions", "other"], "--conventions"),
     (["--max-cells", "-1"], "--max-cells"),
     (["--preset", "nosuch"], "--preset"),

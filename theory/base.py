@@ -163,6 +163,8 @@ class Method(ABC):
     #: F_t of those terms: None (all ones), "w0" (the frozen weight: HiRA), or the name of a
     #: frozen factor (..., K, m, n) whose k-th slice multiplies term k (SMoA's masks "M")
     product_modulator: ClassVar[str | None] = None
+    #: a fixed matrix subtracted from that form: None, or "w0" (ΔW = W0 ⊙ (B A) − W0: HUT)
+    product_offset: ClassVar[str | None] = None
     #: the exact best fit the solvers have for this ΔW: "truncated_svd" (s B A, Eckart-Young),
     #: "identity" (ΔW = W itself), "core" (C (U − U0) R with C, R, U0 frozen: U = U0 + C⁺ M R⁺),
     #: "shard" (MiSS's tiled shard: one least squares per entry); None: no closed form

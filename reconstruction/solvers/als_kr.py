@@ -69,7 +69,8 @@ def gradient_applies(st: Structure, params: Params, m: int, n: int) -> bool:
 
 def _is_pair(st: Structure) -> bool:
     """One term s (B1 A1) ⊙ (B2 A2) with no fixed matrix."""
-    return len(st.terms) == 1 and st.terms[0].fixed is None and len(st.terms[0].pairs) == 2
+    return (len(st.terms) == 1 and st.terms[0].fixed is None and len(st.terms[0].pairs) == 2
+            and st.offset is None)
 
 
 def names(st: Structure) -> tuple[str, str, str, str]:

@@ -80,7 +80,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, finish_step, per_target_steps, truncated_factors
+from .common import Params, finish_step, per_target_steps, truncated_factors, truncated_product
 
 #: the closed forms (``Method.closed_form``) solved here: PMSS's core, MiSS's shard
 CLOSED_FORMS = ("core", "shard")
@@ -367,8 +367,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
     def cut1(Z1: Tensor) -> Tensor:  # (..., a, c) -> the W1 constraint
         if sh.full_w1:
             return Z1
-        Bf, Af = truncated_factors(Z1, r)
-        return Bf @ Af
+        return truncated_product(Z1, r)
 
     def safe(x: Tensor) -> tuple[Tensor, Tensor]:
         ok = x > 1e-300
@@ -378,8 +377,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         ok, n1 = safe((w1 * w1).sum(-1))  # (k, b)
         Z2 = ((Rm.mT @ w1[..., None])[..., 0] / n1[..., None]).reshape(*w1.shape[:-1], bb, d)
         if not sh.full_w2:
-            Bf, Af = truncated_factors(Z2, r)
-            Z2 = Bf @ Af
+            Z2 = truncated_product(Z2, r)
         return torch.where(ok[..., None], Z2.reshape(*w1.shape[:-1], bb * d), w2_old)
 
     def w1_step(w2: Tensor, Rw2: Tensor, w1_old: Tensor) -> Tensor:  # (K4), Rw2 = 𝓡 w2
