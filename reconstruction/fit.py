@@ -78,6 +78,7 @@ from theory.base import Config
 from .solvers import als as _als
 from .solvers import als_kr as _kr
 from .solvers import exact as _exact
+from .solvers import rowscale as _rowscale
 from .solvers.adam import run_adam
 from .solvers.common import (
     extra_inits,
@@ -499,15 +500,21 @@ def _cat_like(ts: list[Tensor]) -> Tensor:
 
 
 def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
-    """The Khatri-Rao error and its hand-written gradient, for Adam and L-BFGS on ABBA/LoHa where
-    it is the cheaper one (small r1 r2: ``als_kr.gradient_cheaper``), else None (autograd
-    through ΔW)."""
+    """A hand-written error and gradient for Adam and L-BFGS, else None (autograd through
+    ΔW): for a Hadamard pair the Khatri-Rao one where it is the cheaper
+    (``als_kr.gradient_cheaper``), else the same through ΔW written out
+    (``als_kr.dense_value_and_grad``); the row-scaled LoRA one (``solvers.rowscale``) for a
+    method with a ``row_form``."""
+    if meth.row_form is not None:
+        return _rowscale.value_and_grad(meth, M, w0, config)
     if not is_hadamard_pair(meth):
         return None
     st = structure(meth, p0, w0, config)
-    if st is None or not _kr.gradient_applies(st, p0, M.shape[-2], M.shape[-1]):
+    if st is None or not _kr._is_pair(st):
         return None
-    return _kr.value_and_grad(M, st)
+    if _kr.gradient_applies(st, p0, M.shape[-2], M.shape[-1]):
+        return _kr.value_and_grad(M, st)
+    return _kr.dense_value_and_grad(M, st)
 
 
 def _take(mask: Tensor, new: dict[str, Tensor], old: dict[str, Tensor]) -> dict[str, Tensor]:

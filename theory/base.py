@@ -176,6 +176,11 @@ class Method(ABC):
     #: the factors (B, A) of a LoRA term s·B A that ΔW equals exactly once ``embed_lora``
     #: sets the other factors (DoRA, α-LoRA), so a fit can start at the LoRA optimum; None
     lora_term: ClassVar[tuple[str, str] | None] = None
+    #: LoRA on rows of W0 scaled by a trainable vector (the gradient solvers then use a
+    #: hand-written gradient): ("scaled_base", name) for W' = diag(v) W0 + s·B A (α-LoRA),
+    #: ("weight_norm", name) for W' = diag(v / ‖V‖_row) V, V = W0 + s·B A (DoRA); with
+    #: (B, A) = ``lora_term`` and s = ``config.scale``; None: neither
+    row_form: ClassVar[tuple[str, str] | None] = None
 
     def embed_lora(self, params: Params, w0: Tensor, config: Config) -> Params:
         """``params`` with every factor but ``lora_term`` set so that ΔW = s·B A exactly

@@ -47,6 +47,7 @@ class AlphaLoRA(Method):
     inits = ("paper", "gaussian")
     needs_w0 = True
     lora_term = ("B", "A")
+    row_form = ("scaled_base", "alpha")
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)

@@ -63,6 +63,7 @@ class DoRA(Method):
     needs_w0 = True
     peft_name = "dora"
     lora_term = ("B", "A")
+    row_form = ("weight_norm", "magnitude")
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)
