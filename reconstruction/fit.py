@@ -546,7 +546,7 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
     Bn = M.shape[0]
     active = torch.ones(Bn, dtype=torch.bool, device=M.device)
     window = window or 5
-    e = relative_error(M.double(), st.delta(p).double())
+    e = _als.rel_error(M, st.delta(p))
     hist = torch.zeros(steps + 1, Bn, dtype=torch.float64, device=M.device)  # preallocated
     hist[0] = e
     k = 0
@@ -554,12 +554,13 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
     bar = tqdm(total=steps, disable=not progress, desc=f"als {meth.name}", leave=False)
     names = [x for t in st.terms for pair in t.pairs for x in pair]
     beta = torch.full((Bn,), 0.5, dtype=torch.float64, device=M.device)
+    memo: dict = {}  # what stays the same from sweep to sweep (``als.als_sweep``)
     with torch.no_grad():
         for k in range(1, steps + 1):
             its.masked_fill_(active, k)
             prev = p
-            p = _als.als_sweep(st, M, p, order, active)
-            e = relative_error(M.double(), st.delta(p).double())
+            p = _als.als_sweep(st, M, p, order, active, memo=memo)
+            e = _als.rel_error(M, st.delta(p))
             if extrapolate and k >= 2:
                 p, e, beta = _als.extrapolate(st, M, prev, p, e, beta, active, names)
             hist[k] = torch.where(active, e, hist[k - 1])

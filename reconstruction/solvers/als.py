@@ -40,14 +40,19 @@ CG_ITERS = 4
 
 
 def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
-               ridge: float = 1e-10) -> Tensor:
+               ridge: float = 1e-10, C2: Tensor | None = None, CT: Tensor | None = None) -> Tensor:
     """argmin_B ‖T − s C ⊙ (B A)‖² row by row; rows that would not improve keep B_old.
 
-    T, C: (b, m, n); A: (b, r, n); B_old: (b, m, r). Returns (b, m, r)."""
+    T, C: (b, m, n); A: (b, r, n); B_old: (b, m, r); C2 = C ⊙ C, CT = C ⊙ T when the
+    caller has them (they stay the same from sweep to sweep for a fixed C). Returns (b, m, r)."""
     b, r, _n = A.shape
     m = T.shape[-2]
+    if C is not None and C2 is None:
+        C2 = C * C
+    if C is not None and CT is None:
+        CT = C * T
     if C is not None and r >= CG_FROM:
-        return _row_cg(T, C, A, B_old, s)
+        return _row_cg(T, C, A, B_old, s, C2=C2, CT=CT)
     if C is None:
         G = (A @ A.mT)[:, None]  # (b, 1, r, r)
         rhs = T @ A.mT  # (b, m, r)
@@ -55,24 +60,25 @@ def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
         # only the r(r+1)/2 distinct entries of the symmetric G_i: half the flops
         iu, ju = torch.triu_indices(r, r, device=A.device)
         KR = A[:, iu, :] * A[:, ju, :]  # (b, r(r+1)/2, n)
-        g = (C * C) @ KR.mT  # (b, m, r(r+1)/2)
+        g = C2 @ KR.mT  # (b, m, r(r+1)/2)
         G = torch.zeros(b, m, r, r, dtype=g.dtype, device=g.device)
         G[..., iu, ju] = g
         G[..., ju, iu] = g
-        rhs = (C * T) @ A.mT  # (b, m, r)
+        rhs = CT @ A.mT  # (b, m, r)
     return solve_rows(G.double(), rhs.double(), B_old, s, ridge)
 
 
-def _row_cg(T: Tensor, C: Tensor, A: Tensor, B_old: Tensor, s: float, iters: int = CG_ITERS) -> Tensor:
+def _row_cg(T: Tensor, C: Tensor, A: Tensor, B_old: Tensor, s: float, iters: int = CG_ITERS,
+            C2: Tensor | None = None, CT: Tensor | None = None) -> Tensor:
     """``CG_ITERS`` steps of preconditioned conjugate gradients on every row's normal
     equations s² G_i x = s rhs_i at once, from the current rows B_old, each product with
     the G_i as two GEMMs: G X = ((X A) ⊙ C²) Aᵀ; preconditioner diag G_i = (C²)(A²)ᵀ.
     CG from x0 lowers each row's convex objective at every step (in exact arithmetic), so
     the sweep stays monotone without the exact solve; rows that did not improve keep
     B_old all the same. T, C: (b, m, n); A: (b, r, n); B_old: (b, m, r)."""
-    C2 = C * C  # (b, m, n)
+    C2 = C * C if C2 is None else C2  # (b, m, n)
     At = A.mT  # (b, n, r)
-    rhs = ((C * T) @ At).double() / s  # (b, m, r): G x = rhs / s
+    rhs = ((C * T if CT is None else CT) @ At).double() / s  # (b, m, r): G x = rhs / s
     D = (C2 @ (A * A).mT).double()  # (b, m, r): diag of every G_i
     D = torch.where(D > 0, D, torch.ones_like(D))
 
@@ -183,28 +189,45 @@ def sweep_order(st: Structure, params: Params) -> list[tuple[int, int]]:
 
 
 def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
-              ridge: float = 1e-10) -> Params:
+              ridge: float = 1e-10, memo: dict | None = None) -> Params:
     """One sweep (every B then its A, pair by pair). Targets with active[b] False
-    keep their factors. Returns new params."""
+    keep their factors. Returns new params. ``memo`` (a dict the caller keeps from sweep
+    to sweep) holds what does not change: the form's target M + offset, and for a term
+    of one pair its C ⊙ C (and C ⊙ T when it is the only term). With several terms, the
+    others' sum is kept and updated as each term changes (K products per sweep, not K²)."""
+    memo = {} if memo is None else memo
     p = dict(params)
     s = st.scale
     nt = len(st.terms)
+    if "base" not in memo:
+        memo["base"] = M if st.offset is None else M + st.offset  # the form's own target
+    base = memo["base"]
+    prods = [st.product(p, u) for u in range(nt)] if nt > 1 else None
+    total = sum(prods) if nt > 1 else None
     for t, q in order:
         bn, an = st.terms[t].pairs[q]
-        T = M if st.offset is None else M + st.offset  # the form's own target
-        if nt > 1:
-            other = sum(st.product(p, u) for u in range(nt) if u != t)
-            T = T - s * other
+        T = base if nt == 1 else base - s * (total - prods[t])
         C = st.product(p, t, skip=q)  # (b, m, n) or None
+        fixed = C is not None and C is st.terms[t].fixed  # a one-pair term: C = F_t
+        C2 = CT = None
+        if fixed:
+            C2 = memo.setdefault(("C2", t), C * C)
+            if nt == 1:
+                CT = memo.setdefault(("CT", t), C * T)
         # B step
         B, A = _orth_rows(p[bn], p[an])
-        Bn = _row_solve(T, C, A, B, s, ridge)
+        Bn = _row_solve(T, C, A, B, s, ridge, C2=C2, CT=CT)
         # A step (transposed problem)
         Bq, Aq = _orth_cols(Bn, A)
-        An = _row_solve(T.mT, None if C is None else C.mT, Bq.mT, Aq.mT, s, ridge).mT
+        An = _row_solve(T.mT, None if C is None else C.mT, Bq.mT, Aq.mT, s, ridge,
+                        C2=None if C2 is None else C2.mT, CT=None if CT is None else CT.mT).mT
         keep = ~active
         p[bn] = torch.where(keep[:, None, None], params[bn], Bq)
         p[an] = torch.where(keep[:, None, None], params[an], An)
+        if nt > 1:  # this term's new product, into the sum of the others
+            new = st.product(p, t)
+            total = total - prods[t] + new
+            prods[t] = new
     # rebalance the pairs of each Hadamard term to equal Frobenius norms
     for term in st.terms:
         if len(term.pairs) < 2:
@@ -218,6 +241,12 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
     return p
 
 
+def rel_error(M: Tensor, D: Tensor) -> Tensor:
+    """‖M − D‖² / ‖M‖² per target, summed in float64 (no float64 copy of the m×n tensors)."""
+    den = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
+    return (M - D).pow(2).sum((-2, -1), dtype=torch.float64) / den
+
+
 def extrapolate(st: Structure, M: Tensor, prev: Params, cur: Params, err: Tensor, beta: Tensor,
                 active: Tensor, names: list[str]) -> tuple[Params, Tensor, Tensor]:
     """Line-search acceleration (as for CP-ALS, Bro 1998): try cur + β (cur − prev) on
@@ -229,8 +258,7 @@ def extrapolate(st: Structure, M: Tensor, prev: Params, cur: Params, err: Tensor
     cand = dict(cur)
     for k in names:
         cand[k] = cur[k] + bsh.to(cur[k]) * (cur[k] - prev[k])
-    e2 = (M.double() - st.delta(cand).double()).pow(2).sum((-2, -1)) / \
-        M.double().pow(2).sum((-2, -1)).clamp_min(1e-300)
+    e2 = rel_error(M, st.delta(cand))
     ok = active & torch.isfinite(e2) & (e2 < err)
     out = dict(cur)
     for k in names:
