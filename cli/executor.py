@@ -221,8 +221,12 @@ class RayExecutor(Executor):
                 _init(ray, address=address or None, num_cpus=None if address else num_cpus)
             except Exception as e:  # noqa: BLE001 - Ray raises bare Exceptions on start-up
                 where = f"at {address}" if address else "on this machine"
+                hint = ""
+                if address not in (None, "", "auto") and os.environ.get("RAY_AUTH_MODE") != "token":
+                    hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token "
+                            "and its token (docs/cluster.md)")
                 raise ValueError(f"--executor ray: could not start or join a Ray cluster {where} "
-                                 f"({_reason(e)})") from None
+                                 f"({_reason(e)}){hint}") from None
             self.owned = True
         try:
             self._check_resources()
@@ -302,15 +306,39 @@ def local_ray(num_cpus: int = 2, num_gpus: int = 0) -> None:
         _init(ray, num_cpus=num_cpus, num_gpus=num_gpus)
 
 
+def _local_runtime_env() -> dict:
+    """For an instance started here: the workers import what the driver imports (its
+    ``sys.path``, e.g. a source checkout or a test folder, as ``PYTHONPATH``)."""
+    import sys
+
+    paths = [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+
+
 def _init(ray, tries: int = 3, **kw) -> None:
     """``ray.init`` without the dashboard or log forwarding; a local start that times out
-    (Ray waits 30 s for its raylet, too little on a loaded machine) is tried again."""
+    (Ray waits 30 s for its raylet, too little on a loaded machine) is tried again. An
+    instance started here gets the driver's ``sys.path``. Ray's notice that it enabled
+    token authentication (its default for a new local instance) is not printed: stderr
+    keeps the tool's own lines."""
+    if not kw.get("address"):
+        kw.setdefault("runtime_env", _local_runtime_env())
+    quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        _init_tries(ray, tries, **kw)
+    finally:
+        quiet.setLevel(level)
+
+
+def _init_tries(ray, tries: int, **kw) -> None:
     for attempt in range(tries):
         try:
             ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
                      logging_level=logging.ERROR, configure_logging=False, **kw)
             return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a slow start
+        except Exception as e:  # Ray raises a bare Exception on a slow start
             if "timed out during startup" not in str(e) or attempt == tries - 1 or kw.get("address"):
                 raise
             ray.shutdown()

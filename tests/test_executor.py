@@ -106,7 +106,7 @@ def test_ray_gives_every_result_once_and_retries_a_failing_task_before_reporting
     got = dict(ex.map(square, range(6)))
     assert got == {i: i * i for i in range(6)}
     log = tmp_path / "attempts"
-    (task, res), = list(ex.map(count_attempts, [str(log)]))
+    (_, res), = list(ex.map(count_attempts, [str(log)]))
     assert isinstance(res, X.TaskFailed) and res.reason == "RuntimeError: always fails"
     assert log.read_text().count("attempt") == 3  # the first try and 2 retries
     mixed = dict(ex.map(fail_on_three, [1, 3, 5]))
