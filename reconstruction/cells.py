@@ -5,8 +5,10 @@ A *cell* is one point of the grid (target, seed, method, rank, convention, ...).
 that share method, configuration, shape and fit options form a *batch*: their distinct
 (target, seed) pairs are stacked and fitted by one call of ``reconstruction.fit.fit``,
 every target with its own seed, starts and stopping rule, so each cell's numbers are
-those of a fit of it alone (bit for bit on a CPU with one thread, where each target's
-factors fill whole SIMD vectors; ``tests/test_sweep.py``). Cells whose configuration is
+those of a fit of it alone (bit for bit on a CPU with one thread, ``tests/test_sweep.py``:
+the solvers avoid the few batched kernels whose rounding depends on the batch's size,
+GEMV-shaped products (``solvers.common.bmm``), LoKr's SVD of a wide 𝓡(M) and the
+spectral start's small products, which run target by target). Cells whose configuration is
 the same at several ranks (VeRA's r = min(m, n) at every budget of the Figure 2 grid)
 share one fit. The result stays per cell: one row per cell, identical to what
 ``reconstruction.run.evaluate`` returns for it (its ``seconds`` being the batch's time

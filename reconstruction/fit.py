@@ -83,12 +83,12 @@ from .solvers.adam import run_adam
 from .solvers.common import (
     extra_inits,
     finish_step,
-    per_target_steps,
     has_als,
     homogeneous_factors,
     initial_params,
     is_hadamard_pair,
     optimal_rescale,
+    per_target_steps,
     rescale_start,
     scale_factors,
     structure,

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import Params, per_target_steps, stalled
+from .common import Params, stalled
 
 #: an error above this counts as divergence
 BLOWUP = 1e12

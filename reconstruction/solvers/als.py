@@ -28,8 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, Structure, lstsq_driver
-
+from .common import Params, Structure, bmm, lstsq_driver
 
 #: a modulated half-step (C given) with r at least this large is solved by CG_ITERS steps
 #: of Jacobi-preconditioned conjugate gradients (``_row_cg``) instead of forming every
@@ -55,16 +54,16 @@ def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
         return _row_cg(T, C, A, B_old, s, C2=C2, CT=CT)
     if C is None:
         G = (A @ A.mT)[:, None]  # (b, 1, r, r)
-        rhs = T @ A.mT  # (b, m, r)
+        rhs = bmm(T, A.mT)  # (b, m, r)
     else:
         # only the r(r+1)/2 distinct entries of the symmetric G_i: half the flops
         iu, ju = torch.triu_indices(r, r, device=A.device)
         KR = A[:, iu, :] * A[:, ju, :]  # (b, r(r+1)/2, n)
-        g = C2 @ KR.mT  # (b, m, r(r+1)/2)
+        g = bmm(C2, KR.mT)  # (b, m, r(r+1)/2)
         G = torch.zeros(b, m, r, r, dtype=g.dtype, device=g.device)
         G[..., iu, ju] = g
         G[..., ju, iu] = g
-        rhs = CT @ A.mT  # (b, m, r)
+        rhs = bmm(CT, A.mT)  # (b, m, r)
     return solve_rows(G.double(), rhs.double(), B_old, s, ridge)
 
 
@@ -154,7 +153,7 @@ def _orth_cols(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
 
 def pair_norm(B: Tensor, A: Tensor) -> Tensor:
     """‖B A‖_F per target without forming B A: sqrt(tr(BᵀB · A Aᵀ)). (b, m, r), (b, r, n) -> (b,)"""
-    return ((B.mT @ B) * (A @ A.mT)).sum((-2, -1)).clamp_min(0).sqrt()
+    return (bmm(B.mT, B) * (A @ A.mT)).sum((-2, -1)).clamp_min(0).sqrt()
 
 
 def unstick(st: Structure, params: Params, seed: int = 0) -> Params:

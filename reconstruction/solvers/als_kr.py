@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .als import pair_norm, solve_rows
-from .common import Params, Structure, finish_step, per_target_steps
+from .common import Params, Structure, bmm, finish_step, per_target_steps
 
 #: the names the solver uses inside; a method's own names (its ``product_terms``) are
 #: mapped onto them at the entry and back at the exit
@@ -164,9 +164,9 @@ class KRALS:
         A2t, B2t = _orth(p["A2"].mT, p["B2"].mT)
         q = {"B1": B1t.mT, "A1": A1t.mT, "B2": B2t.mT, "A2": A2t.mT}
         KA = _kr_rows(q["A1"].mT, q["A2"].mT)  # (b, n, r1 r2) = K_Aᵀ
-        P = (self.M @ KA).double()  # (b, m, r1 r2): the GEMM
+        P = bmm(self.M, KA).double()  # (b, m, r1 r2): the GEMM
         KAd = KA.double()
-        H = KAd.mT @ KAd  # (b, r1 r2, r1 r2)
+        H = bmm(KAd.mT, KAd)  # (b, r1 r2, r1 r2)
         if not err:
             return Prepared(q, P, H, torch.full_like(self.nrm2, math.nan))
         KB = _kr_rows(q["B1"].double(), q["B2"].double())
@@ -208,9 +208,9 @@ class KRALS:
         B1, A1 = _orth(B1, q["A1"])
         B2, A2 = _orth(B2, q["A2"])
         KB = _kr_rows(B1, B2)  # (b, m, r1 r2)
-        Q = (self.MT @ KB).double()  # (b, n, r1 r2): the GEMM
+        Q = bmm(self.MT, KB).double()  # (b, n, r1 r2): the GEMM
         KBd = KB.double()
-        HB = KBd.mT @ KBd
+        HB = bmm(KBd.mT, KBd)
         A1t, A2t = self._half(A1.mT, A2.mT, Q, HB)
         err = self._err(_kr_rows(A1t.double(), A2t.double()), Q, HB)
         # rebalance ‖B1 A1‖ = ‖B2 A2‖ (ΔW unchanged)

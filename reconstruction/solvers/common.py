@@ -92,6 +92,16 @@ def finish_step(bar, hist: Tensor, k: int, active: Tensor, window: int, tol: flo
     return not bool(active.any())
 
 
+def bmm(X: Tensor, Y: Tensor) -> Tensor:
+    """X @ Y, (..., p, k) @ (..., k, q), with one matrix's numbers independent of the rest
+    of the batch: the BLAS sums a product with one output column (q = 1, k > 1: a GEMV)
+    in another order for one matrix than for several, so that case is a row-wise
+    reduction here (a sweep's cell then has the numbers of a fit of it alone)."""
+    if Y.shape[-1] == 1 and Y.shape[-2] > 1:
+        return (X * Y.mT).sum(-1, keepdim=True)
+    return X @ Y
+
+
 @dataclasses.dataclass
 class Term:
     pairs: list[tuple[str, str]]  # factor names (B, A) of each low-rank pair
@@ -195,21 +205,22 @@ def structure(method, params: Params, w0: Tensor | None, config) -> Structure | 
     if any(k not in params for t in terms for pair in t.pairs for k in pair):
         return None
     st = Structure(terms, 1.0, offset)
-    # measure s and check the form on random factors of target 0
+    # measure s and check the form in float64 on random factors, W0 and modulator drawn
+    # from a fixed seed: s is a function of the method, config and shape alone, never of
+    # the batch's first target (HUT's W0 ⊙ (B A) − W0 + W0 rounds differently per W0)
     g = torch.Generator().manual_seed(12345)
-    probe = {k: v[:1].clone() for k, v in params.items()}
-    for t in terms:
-        for pair in t.pairs:
-            for k in pair:
-                probe[k] = torch.randn(probe[k].shape, generator=g, dtype=torch.float64).to(probe[k])
-    sub = Structure([Term(t.pairs, None if t.fixed is None else t.fixed[:1]) for t in terms], 1.0)
-    w0_1 = None if w0 is None else w0[:1]
+    mod = method.product_modulator
+    probe = {k: v[:1].double() for k, v in params.items()}
+    for k in [x for t in terms for pair in t.pairs for x in pair] + ([mod] if mod in params else []):
+        probe[k] = torch.randn(probe[k].shape, generator=g, dtype=torch.float64)
+    w0_1 = None if w0 is None else torch.randn(w0[:1].shape, generator=g, dtype=torch.float64)
+    sub = Structure(_declared_terms(method, probe, w0_1), 1.0)
     try:
         ref = method.delta(probe, w0_1, config).double()
     except Exception:  # noqa: BLE001 - a method that cannot take these factors
         return None
     if offset is not None:
-        ref = ref + offset[:1].double()
+        ref = ref + w0_1
     mine = sub.delta(probe).double()
     nrm = float((mine * mine).sum())
     if nrm == 0.0:
@@ -423,6 +434,12 @@ def _rank1_track(Z: Tensor, r1: int, r2: int, v: Tensor | None,
     return (u[..., :, None] * v[..., None, :]).flatten(-2), v
 
 
+def _one_target(st: Structure, i: int) -> Structure:
+    """The structure of target i of the batch alone."""
+    one = lambda x: None if x is None else x[i:i + 1]  # noqa: E731
+    return Structure([Term(t.pairs, one(t.fixed)) for t in st.terms], st.scale, one(st.offset))
+
+
 def spectral_init(method, M: Tensor, params: Params, st: Structure, seed: int,
                   iters: int = 300, warm: int = 100) -> Params:
     """The "spectral" start of a Hadamard pair s·(B1 A1) ⊙ (B2 A2), for r1 r2 <= min(m, n).
@@ -437,6 +454,11 @@ def spectral_init(method, M: Tensor, params: Params, st: Structure, seed: int,
     On an exact Hadamard target this lands (for most seeds) on the exact factors,
     where plain ALS from random starts mostly stalls in local minima; ALS polishes.
     """
+    if M.shape[0] > 1:  # one target at a time: the small (K×m)(m×K) products of the
+        # iteration round differently in a batch than alone, and the start's errors differ
+        one = [spectral_init(method, M[i:i + 1], {k: v[i:i + 1] for k, v in params.items()},
+                             _one_target(st, i), seed, iters, warm) for i in range(M.shape[0])]
+        return {k: torch.cat([o[k] for o in one]) for k in params}
     (b1, a1), (b2, a2) = st.terms[0].pairs
     r1, r2 = params[b1].shape[-1], params[b2].shape[-1]
     Bn, m, n = M.shape
@@ -452,7 +474,7 @@ def spectral_init(method, M: Tensor, params: Params, st: Structure, seed: int,
     for it in range(iters):
         P = U @ X  # (b, m, K)
         P, v = _rank1_track(P, r1, r2, v)  # exact at first, then tracked by power steps
-        X = U.mT @ P
+        X = bmm(U.mT, P)
         if it < warm:  # keep X away from the rank-one collapse: its orthogonal polar factor
             uu, _, vv = torch.linalg.svd(X)
             X = uu @ vv

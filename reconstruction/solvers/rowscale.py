@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params
+from .common import Params, bmm
 
 
 def value_and_grad(method, M: Tensor, w0: Tensor, config):
@@ -55,6 +55,6 @@ def value_and_grad(method, M: Tensor, w0: Tensor, config):
         else:
             raise ValueError(f"{method.name}: unknown row_form {kind!r}")
         e = (R * R).sum((-2, -1), dtype=torch.float64) / nrm
-        return e, {v_name: gv, b_name: s * (GV @ A.mT), a_name: s * (B.mT @ GV)}
+        return e, {v_name: gv, b_name: s * bmm(GV, A.mT), a_name: s * (B.mT @ GV)}
 
     return fn
