@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 import uuid
@@ -52,7 +51,7 @@ from .cells import MAX_FITS, Cell, batches, run_batch
 from .fit import SOLVERS, inits_for, solvers_for
 from .run import CONVENTIONS, DTYPES, config_for, evaluate, resolve_methods  # noqa: F401
 
-__all__ = ["Cell", "Grid", "PRESETS", "build_parser", "format_summary", "grid_from_args",
+__all__ = ["PRESETS", "Cell", "Grid", "build_parser", "format_summary", "grid_from_args",
            "load_done", "main", "plan", "run_sweep"]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -274,7 +273,7 @@ def format_summary(rows: Sequence[dict]) -> str:
             lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
               for i, h in enumerate(head)]
-    fmt = lambda cs: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
+    fmt = lambda cs: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(cs, widths))).rstrip()
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, lines)])
 
@@ -416,7 +415,7 @@ def work(args) -> None:
     ex = X.from_args(args, device=grid.device)
     with ex:
         _check_memory(grid, ex)
-        say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+        say = lambda s: print(s, file=sys.stderr, flush=True)
         say(ex.describe())
         progress = not args.no_progress and sys.stderr.isatty()
         res = run_sweep(grid, out, max_cells=args.max_cells, progress=progress, log=say,
