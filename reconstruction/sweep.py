@@ -340,7 +340,10 @@ def _check_targets(targets: list[str], shape: tuple[int, int]) -> None:
 def grid_from_args(args) -> Grid:
     """The grid the flags ask for, every value checked (one-line ValueError)."""
     base = dict(PRESETS[args.preset]) if args.preset else dict(DEFAULTS)
-    methods = resolve_methods(",".join(args.methods) if args.methods else base["methods"])
+    try:
+        methods = resolve_methods(",".join(args.methods) if args.methods else base["methods"])
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"--methods: {str(e).strip(chr(34) + chr(39))}") from None
     ranks = list(args.ranks) if args.ranks else list(base["ranks"])
     targets = list(args.targets) if args.targets else list(base["targets"])
     seeds = list(args.seeds) if args.seeds else list(base["seeds"])
