@@ -10,6 +10,9 @@
   ``null``: strict JSON every parser reads).
 - :mod:`cli.checks`: checks made before any work: output paths writable, a size that
   fits in memory, a device that exists.
+- :mod:`cli.executor`: tasks run here or as Ray tasks on a cluster (``--executor``,
+  ``--address``, ``--cpus-per-task``, ``--gpus-per-task``), results handed back to the
+  driver as they finish (imported on its own: ``from cli import executor``).
 
 Exit statuses of every command: 0 done, 1 done but some of the work failed (failed
 sweep cells, a diverged run: listed on stderr, retried by the next run), 2 bad input or
@@ -21,13 +24,13 @@ from .checks import (check_device, check_memory, check_threads, check_writable_d
 from .files import (append_jsonl, atomic_path, atomic_write, csv_text, dumps, read_jsonl,
                     to_jsonable, write_csv, write_json)
 from .main import EXIT_FAILED, EXIT_INTERRUPT, EXIT_OK, EXIT_USAGE, Failed, UsageError, run
-from .parser import (Parser, finite_float, int_list, nonneg_int, positive_float, positive_int,
-                     probability, str_list)
+from .parser import (Parser, finite_float, int_list, nonneg_float, nonneg_int, positive_float,
+                     positive_int, probability, str_list)
 
 __all__ = [
     "EXIT_FAILED", "EXIT_INTERRUPT", "EXIT_OK", "EXIT_USAGE", "Failed", "Parser", "UsageError",
     "append_jsonl", "atomic_path", "atomic_write", "check_device", "check_memory",
     "check_threads", "check_writable_dir", "check_writable_file", "csv_text", "dumps",
-    "finite_float", "format_bytes", "int_list", "nonneg_int", "positive_float", "positive_int",
-    "probability", "read_jsonl", "run", "str_list", "to_jsonable", "write_csv", "write_json",
+    "finite_float", "format_bytes", "int_list", "nonneg_float", "nonneg_int", "positive_float",
+    "positive_int", "probability", "read_jsonl", "run", "str_list", "to_jsonable", "write_csv", "write_json",
 ]

@@ -81,6 +81,13 @@ def positive_float(text: str) -> float:
     return v
 
 
+def nonneg_float(text: str) -> float:
+    v = finite_float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
 def probability(text: str) -> float:
     """A number in [0, 1]."""
     v = finite_float(text)

@@ -23,12 +23,15 @@ all measured in one run on one device (``--quick`` shrinks every size).
     ΔW, at 4096×4096 for token counts 1..4096: peak bytes allocated by the forward
     (on CPU: a TorchDispatchMode that tracks the live tensors every op returns;
     on CUDA: ``torch.cuda.max_memory_allocated``) and time.
+(e) sweep throughput: cells per minute of ``reconstruction.sweep`` on a grid of every
+    method at two budgets, both ABBA conventions and the four Fig. 2 targets
+    (``--preset abba-fig2`` shrunk), batched (cells sharing method, configuration and
+    shape in one solver call, repeated configurations one fit) against cell by cell,
+    into two temporary folders, in this process; and that both give the same errors.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -38,11 +41,12 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import cli
 import theory
 from reconstruction import fit as F
 
 from . import io as rio
-from .run import DTYPES, CliParser, check_device
+from .run import DTYPES
 
 
 # --------------------------------------------------------------------------- #
@@ -357,20 +361,53 @@ def bench_forward(size: int, tokens: list[int], rank: int, device: str, dtype,
     return {"bench": "forward", "size": size, "config": str(cfg), "rows": rows}
 
 
+def bench_sweep(size: int, ranks: list[int], device: str, dtype, steps: int | None = None) -> dict:
+    """(e) the sweep's throughput, batched against cell by cell (same grid, same process;
+    ``steps``: the solvers' iterations, None = the sweep's defaults)."""
+    import tempfile
+    from pathlib import Path
+
+    from . import cells as C
+    from .sweep import Grid, run_sweep
+
+    name = {torch.float32: "float32", torch.float64: "float64"}[dtype]
+    grid = Grid(methods=theory.available(), ranks=ranks, targets=["orthogonal", "lowrank",
+                "sparse", "random"], seeds=[0], conventions=["equal", "published"],
+                shape=(size, size), dtype=name, device=device, steps=steps)
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for mode in ("cell_by_cell", "batched"):
+            C.clear_caches()  # each mode makes its own targets and singular values
+            t = time.perf_counter()
+            res = run_sweep(grid, Path(d) / mode, figure=False, batched=mode == "batched")
+            out[mode] = (time.perf_counter() - t, res)
+    (t_one, one), (t_bat, bat) = out["cell_by_cell"], out["batched"]
+    n = one["total"]
+    gap = max((abs(a["rel_error"] - b["rel_error"]) for a, b in zip(one["rows"], bat["rows"])),
+              default=0.0)
+    return {"bench": "sweep", "size": size, "ranks": ranks, "steps": steps, "cells": n,
+            "batches": bat["batches"], "cell_by_cell_s": t_one, "batched_s": t_bat,
+            "cell_by_cell_per_min": 60 * n / t_one, "batched_per_min": 60 * n / t_bat,
+            "ratio": t_one / t_bat, "max_error_gap": gap,
+            "failed": len(one["errors"]) + len(bat["errors"])}
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
 SIZES = {
     # (a) size, batch, steps; (b) size, {solver: step counts}; (c) size, ALS, Adam steps;
-    # (d) size, token counts
+    # (d) size, token counts; (e) size, ranks, iterations (None: the sweep's defaults)
     "full": dict(a=(256, 64, {"als": 20, "adam": 200}),
                  b=(1024, {"als": (), "adam": (20, 220)}),
                  c=(256, 60, 3000, 300),
-                 d=(4096, [1, 8, 64, 512, 4096])),
+                 d=(4096, [1, 8, 64, 512, 4096]),
+                 e=(256, [8, 16], None)),
     "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
                   b=(192, {"als": (), "adam": (10, 110)}),
                   c=(64, 30, 1500, 150),
-                  d=(512, [1, 64, 512])),
+                  d=(512, [1, 64, 512]),
+                  e=(40, [3, 6], 40)),
 }
 
 
@@ -420,6 +457,15 @@ def report(results: list[dict]) -> str:
                     f"    L-BFGS {'never' if tl is None else f'{tl:.2f}s'} ({r['lbfgs_steps']} "
                     f"iterations, final {r['lbfgs_final']:.4f})"
                     + (f" -> faster than Adam by {r['lbfgs_ratio']:.1f}×" if "lbfgs_ratio" in r else ""))
+        elif r["bench"] == "sweep":
+            lines.append(
+                f"(e) sweep of {r['cells']} cells ({r['size']}×{r['size']}, every method, ranks "
+                f"{','.join(map(str, r['ranks']))}, both conventions, 4 targets, "
+                f"{'default iterations' if r['steps'] is None else str(r['steps']) + ' iterations'}): batched "
+                f"{r['batched_per_min']:.1f} cells/min ({r['batched_s']:.1f}s, {r['batches']} "
+                f"batches), cell by cell {r['cell_by_cell_per_min']:.1f} cells/min "
+                f"({r['cell_by_cell_s']:.1f}s) -> ratio {r['ratio']:.2f}× (max error gap "
+                f"{r['max_error_gap']:.1e}, {r['failed']} failed)")
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")
@@ -435,25 +481,38 @@ def report(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = CliParser(prog="python -m reconstruction.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.Parser:
+    ap = cli.Parser(prog="python -m reconstruction.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    ap.add_argument("--only", default="abcd", help="which benchmarks, e.g. 'ad' (default abcd)")
+    ap.add_argument("--only", default="abcde", help="which benchmarks, e.g. 'ae' (default abcde)")
     ap.add_argument("--solver", choices=("als", "adam", "both"), default="both",
                     help="solver(s) for (a) (default both)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    ap.add_argument("--rank", type=int, default=16, help="LoRA-rank budget (default 16)")
+    ap.add_argument("--rank", type=cli.positive_int, default=16, help="LoRA-rank budget (default 16)")
     ap.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
-    args = ap.parse_args(argv)
-    try:
-        device = check_device(args.device)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def work():
+        device = cli.check_device(args.device)
         dtype = DTYPES[args.dtype]
-        bad = set(args.only) - set("abcd")
+        bad = set(args.only) - set("abcde")
         if bad or not args.only:
-            raise ValueError(f"--only takes letters from 'abcd', got {args.only!r}")
+            raise ValueError(f"--only takes letters from 'abcde', got {args.only!r}")
+        cli.check_writable_file(args.json, "--json")
         S = SIZES["quick" if args.quick else "full"]
+        smallest = min(v[0] for k, v in S.items() if k in args.only)
+        if args.rank > smallest:
+            raise ValueError(f"--rank {args.rank} is above the smallest size used ({smallest})")
+        big = max(v[0] for k, v in S.items() if k in args.only)
+        cli.check_memory(3 * 64 * big * big * torch.finfo(dtype).bits // 8 if "a" in args.only
+                         else 16 * big * big * torch.finfo(dtype).bits // 8,
+                         f"the {'quick' if args.quick else 'full'} benchmarks", device,
+                         hint="use --quick or --only")
         print(f"reconstruction bench ({'quick' if args.quick else 'full'}) on {device}, "
               f"{args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads",
               flush=True)
@@ -466,24 +525,19 @@ def main(argv=None) -> int:
             "c": lambda: bench_als_vs_adam(S["c"][0], args.rank, S["c"][1], S["c"][2], device,
                                            dtype, lbfgs_steps=S["c"][3]),
             "d": lambda: bench_forward(S["d"][0], S["d"][1], args.rank, device, dtype),
+            "e": lambda: bench_sweep(S["e"][0], S["e"][1], device, dtype, steps=S["e"][2]),
         }
-        for k in "abcd":
+        for k in "abcde":
             if k in args.only:
                 got = todo[k]()
                 got = got if isinstance(got, list) else [got]
                 results += got
                 print(report(got), flush=True)
-        if args.json:
-            rio.write_json(args.json, {"device": device, "dtype": args.dtype,
-                                       "quick": args.quick, "results": results})
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, RuntimeError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    return 0
+                if args.json:  # after each benchmark: an interruption keeps the ones done
+                    rio.write_json(args.json, {"device": device, "dtype": args.dtype,
+                                               "quick": args.quick, "results": results})
+
+    return cli.run(work, interrupted="the benchmarks finished so far are in --json (if given)")
 
 
 if __name__ == "__main__":

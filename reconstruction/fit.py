@@ -67,6 +67,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -77,21 +78,23 @@ from theory.base import Config
 from .solvers import als as _als
 from .solvers import als_kr as _kr
 from .solvers import exact as _exact
+from .solvers import rowscale as _rowscale
 from .solvers.adam import run_adam
 from .solvers.common import (
-    ALS_FAMILIES,
-    HADAMARD_PAIR,
     extra_inits,
     finish_step,
+    has_als,
     homogeneous_factors,
     initial_params,
+    is_hadamard_pair,
     optimal_rescale,
+    per_target_steps,
     rescale_start,
     scale_factors,
     structure,
 )
 from .solvers.lbfgs import run_lbfgs
-from .solvers.svd import CLOSED_FORM, fit_svd
+from .solvers.svd import fit_svd
 
 SOLVERS = ("auto", "svd", "als", "adam", "lbfgs")
 #: default iteration counts (Adam steps, ALS sweeps)
@@ -119,7 +122,13 @@ def relative_error(M: Tensor, D: Tensor) -> Tensor:
 def lora_optimum(M: Tensor, r: int) -> Tensor:
     """Exact best relative error of rank-r LoRA, Σ_{k>r} σ_k² / Σ_k σ_k² (Eckart-Young),
     per matrix: (..., m, n) -> (...)."""
-    s2 = torch.linalg.svdvals(M) ** 2  # (..., p)
+    return lora_optimum_from_sv(torch.linalg.svdvals(M), r)
+
+
+def lora_optimum_from_sv(s: Tensor, r: int) -> Tensor:
+    """``lora_optimum`` from the singular values s (..., p) of the targets (one SVD serves
+    every rank)."""
+    s2 = s ** 2  # (..., p)
     tot = s2.sum(-1)
     tail = s2[..., int(r):].sum(-1)
     return tail / torch.where(tot > 0, tot, torch.ones_like(tot))
@@ -142,6 +151,8 @@ class FitResult:
     history_per_target: Tensor | None = None
     #: per target, the restart (init, seed) that won
     winners: list[str] = dataclasses.field(default_factory=list)
+    #: per target, the iterations a fit of it alone would report (``steps`` is their max)
+    steps_per_target: Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"FitResult({self.method} {self.config}, solver={self.solver}, init={self.init}, "
@@ -149,13 +160,15 @@ class FitResult:
                 f"{self.seconds:.2f}s)")
 
 
-def solvers_for(method_name: str) -> list[str]:
-    """The solvers that handle a method; ``auto`` picks the first."""
-    name = theory.get_method(method_name).name
+def solvers_for(method) -> list[str]:
+    """The solvers that handle a method (a Method or a registry name), read from its
+    declared structure (``Method.closed_form``, ``product_terms``, ``exact_als``);
+    ``auto`` picks the first."""
+    meth = method if isinstance(method, theory.Method) else theory.get_method(method)
     out = []
-    if name in CLOSED_FORM or name in _exact.CLOSED_FORM:
+    if meth.closed_form is not None:
         out.append("svd")
-    if name in ALS_FAMILIES or name in _exact.ALS:
+    if has_als(meth):
         out.append("als")
     out += ["adam", "lbfgs"]
     return out
@@ -175,9 +188,9 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
     ALS in 1.2 s, 0.1917 / 0.7942 / 0.7228 / 0.5806 by 500 L-BFGS iterations in
     1.7 s) and ALS, guarded and monotone, is kept."""
     meth = method if isinstance(method, theory.Method) else theory.get_method(method)
-    avail = solvers_for(meth.name)
+    avail = solvers_for(meth)
     chosen = "svd" if "svd" in avail else ("als" if "als" in avail else "adam")
-    if chosen == "als" and meth.name in HADAMARD_PAIR:
+    if chosen == "als" and is_hadamard_pair(meth):
         r1, r2 = _pair_ranks(meth, config)
         if max(m, n) >= LBFGS_FROM or not _kr.cheaper(r1, r2, m, n):
             chosen = "lbfgs"
@@ -187,23 +200,23 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
 def inits_for(method_name: str) -> list[str]:
     """Initializations ``fit`` accepts for a method (its own, then reconstruction ones)."""
     m = theory.get_method(method_name)
-    return [*m.inits, *extra_inits(m.name)]
+    return [*m.inits, *extra_inits(m)]
 
 
 def _default_inits(method, solver: str, restarts: int, init: str | None,
                    spectral_ok: bool = False) -> list[tuple[str, int]]:
     """(scheme, seed offset) per restart. Adam on a method that contains rank-r LoRA
-    (DoRA, α-LoRA: ``solvers.common.LORA_CONTAINING``) starts the first restart at
+    (DoRA, α-LoRA: ``Method.lora_term``) starts the first restart at
     ``lora-warm`` (the rank-r LoRA optimum written in its factors), the others at its
     own first init; ``init=`` still picks any scheme (e.g. "paper")."""
     if init is not None:
         return [(init, i) for i in range(restarts)]
     if solver == "lbfgs":  # the starts of ALS for the Hadamard pairs, of Adam otherwise
-        solver = "als" if method.name in HADAMARD_PAIR else "adam"
-    if solver == "adam" and method.name not in HADAMARD_PAIR and "lora-warm" in extra_inits(method.name):
+        solver = "als" if is_hadamard_pair(method) else "adam"
+    if solver == "adam" and method.lora_term is not None:
         return [("lora-warm", 0)] + [(method.inits[0], i) for i in range(1, restarts)]
     if solver == "als":
-        if method.name in HADAMARD_PAIR:
+        if is_hadamard_pair(method):
             if spectral_ok:  # lora-warm, then spectral from seeds seed, seed + 1, ...
                 return [("lora-warm", 0)] + [("spectral", i) for i in range(restarts - 1)]
             return [("lora-warm", 0)] + [("gaussian", i) for i in range(1, restarts)]
@@ -259,7 +272,8 @@ def _threads_for(M: Tensor):
 
 
 def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = None,
-        solver: str = "auto", steps: int | None = None, init: str | None = None, seed: int = 0,
+        solver: str = "auto", steps: int | None = None, init: str | None = None,
+        seed: int | Sequence[int] = 0,
         lr: float | None = None, device=None, dtype=None, progress: bool = False,
         tol: float = 1e-7, restarts: int = 1, schedule: str = "cosine",
         window: int | None = None, params0: dict[str, Tensor] | None = None) -> FitResult:
@@ -268,13 +282,20 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
 
     ``w0`` (B, m, n) or (m, n): the base weights (needed by HiRA, SMoA...; ABBA's paper
     init reads it). Without it a stand-in N(0, 1/n) drawn from ``seed`` is used and
-    ``FitResult.init`` says so. ``steps``: Adam steps (default 2000) or ALS sweeps
+    ``FitResult.init`` says so. ``seed``: one for every target, or one per target (then
+    each target gets the starts, and the W0 stand-in, of a fit of it alone with its
+    seed). ``steps``: Adam steps (default 2000) or ALS sweeps
     (default 200). ``restarts``: number of starts (seeds seed, seed+1, ...); the best
     is kept per target (ALS: screened, see the module docstring). ``tol``/``window``:
     stop a target when its error improved by less than ``tol`` (relative) over
     ``window`` steps/sweeps. ``params0``: start from
     these factors (batched like the targets, e.g. another fit's ``params``: ALS then
     Adam) instead of an init.
+
+    Batching changes no target's numbers: every target keeps its own starts, stopping
+    rule and solver state, and one that stops is left as it is while the others go on
+    (on a CPU with one thread, bit for bit; ``tests/test_sweep.py``). Its iteration count
+    is ``FitResult.steps_per_target``.
     """
     with _threads_for(M if torch.is_tensor(M) else torch.zeros(1, 1)):
         return _fit(method, M, config, w0=w0, solver=solver, steps=steps, init=init, seed=seed,
@@ -298,10 +319,16 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         raise ValueError(f"steps must be >= 0, got {steps}")
     if int(restarts) < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
+    seeds, per_target = _seeds(seed, Bn)
     w0_note = ""
     if w0 is None:
-        g = torch.Generator().manual_seed(int(seed) + 7919)
-        w0 = (torch.randn(Bn, m, n, generator=g, dtype=torch.float64) / math.sqrt(n)).to(M)
+        if not per_target:
+            g = torch.Generator().manual_seed(seeds[0] + 7919)
+            w0 = torch.randn(Bn, m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+        else:  # each target's own stand-in, as drawn for it alone
+            w0 = torch.cat([torch.randn(1, m, n, generator=torch.Generator().manual_seed(s + 7919),
+                                        dtype=torch.float64) for s in seeds]) / math.sqrt(n)
+        w0 = w0.to(M)
         w0_note = " (W0 stand-in N(0,1/n))" if meth.needs_w0 else ""
     else:
         if not torch.is_tensor(w0):
@@ -316,22 +343,22 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         w0 = w0.contiguous()
 
     # which solver
-    avail = solvers_for(meth.name)
+    avail = solvers_for(meth)
     chosen = solver
-    spectral_ok = meth.name in HADAMARD_PAIR and math.prod(_pair_ranks(meth, config)) <= min(m, n)
+    spectral_ok = is_hadamard_pair(meth) and math.prod(_pair_ranks(meth, config)) <= min(m, n)
     if solver == "auto":
         chosen = auto_solver(meth, config, m, n)
         # ALS: lora-warm + 2 spectral (or Gaussian) starts. L-BFGS: lora-warm alone
         # (Gaussian starts end clearly worse; spectral ones are so ill-conditioned,
         # factor norms 10³-10⁵ times the product's, that float32 gradients are noise)
-        if chosen == "als" and meth.name in HADAMARD_PAIR and init is None:
+        if chosen == "als" and is_hadamard_pair(meth) and init is None:
             restarts = max(int(restarts), 3)
     elif solver not in avail:
         raise ValueError(f"{meth.name}: solver {solver!r} not available; "
                          f"solvers: {', '.join(avail)}")
 
     # fit at unit RMS when ΔW is linear in some factor group
-    probe_params = initial_params(meth, M[:1], w0[:1], config, seed, meth.inits[0])
+    probe_params = initial_params(meth, M[:1], w0[:1], config, seeds[0], meth.inits[0])
     hom = homogeneous_factors(meth, probe_params, w0[:1], config)
     rms = ((M * M).mean((-2, -1)).sqrt())  # (B,)
     c = torch.where(rms > 0, rms, torch.ones_like(rms)) if hom else torch.ones_like(rms)
@@ -342,9 +369,9 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         starts = starts[:1]
     best_p, best_e, best_hist, winners = None, None, None, [""] * Bn
     diverged = torch.zeros(Bn, dtype=torch.bool)
-    n_steps = 0
+    n_steps = torch.zeros(Bn, dtype=torch.long)  # per target
     if params0 is not None:  # warm start from given factors (e.g. a previous FitResult.params)
-        ref = initial_params(meth, Mt[:1], w0[:1], config, seed, meth.inits[0])
+        ref = initial_params(meth, Mt[:1], w0[:1], config, seeds[0], meth.inits[0])
         bad = [k for k in ref if k not in params0 or tuple(params0[k].shape[1:]) != tuple(ref[k].shape[1:])
                or params0[k].shape[0] != Bn]
         if bad:
@@ -361,9 +388,11 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         """One solver run from p0: (params, history, steps done, diverged)."""
         div = torch.zeros(Bn, dtype=torch.bool, device=device)
         if chosen == "svd":
-            p = (_exact.closed_form if meth.name in _exact.CLOSED_FORM else fit_svd)(meth, Mt, w0, config, p0)
-            return p, [relative_error(Mt, meth.delta(p, w0, config)).double()], 0, div
-        if chosen == "als" and meth.name in _exact.ALS:
+            p = (_exact.closed_form if meth.closed_form in _exact.CLOSED_FORMS else fit_svd)(
+                meth, Mt, w0, config, p0)
+            return p, [relative_error(Mt, meth.delta(p, w0, config)).double()], \
+                torch.zeros(Bn, dtype=torch.long), div
+        if chosen == "als" and meth.exact_als is not None:
             p, hist, k = _exact.run_als(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
                                         progress=progress, warm=scheme in ("given", "continued"))
         elif chosen == "als":
@@ -382,16 +411,17 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         return p, hist, k, div
 
     for scheme, off in starts:
-        p0 = given if scheme == "given" else initial_params(meth, Mt, w0, config, seed + off, scheme)
+        p0 = given if scheme == "given" else _initial(meth, Mt, w0, config, seeds, off, scheme)
         p, hist, k, div = solve(p0, scheme, screen or total)
         with torch.no_grad():
             e = relative_error(Mt.double(), meth.delta(p, w0, config).double())  # (B,)
             e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
-        n_steps = max(n_steps, k)
+        n_steps = torch.maximum(n_steps, k)
         H = torch.stack([h.double().cpu() for h in hist])  # (steps+1, B)
+        label = [f"{scheme}:{s + off}" for s in seeds]
         if best_p is None:
             best_p, best_e, best_hist = p, e, H
-            winners = [f"{scheme}:{seed + off}"] * Bn
+            winners = label
             diverged = div.cpu()
             continue
         better = e < (best_e * (1 - SCREEN_MARGIN) if screen else best_e)
@@ -400,7 +430,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         L = max(best_hist.shape[0], H.shape[0])
         best_hist = torch.where(better.cpu()[None], _pad(H, L), _pad(best_hist, L))
         diverged = torch.where(better.cpu(), div.cpu(), diverged)
-        winners = [f"{scheme}:{seed + off}" if bool(better[b]) else winners[b] for b in range(Bn)]
+        winners = [label[b] if bool(better[b]) else winners[b] for b in range(Bn)]
 
     if screen is not None and total > screen:  # the screened best start runs the rest
         p, hist, k, div = solve(best_p, "continued", total - screen)
@@ -410,7 +440,7 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         best_p = _take(better, p, best_p)
         H = torch.stack([h.double().cpu() for h in hist])
         best_hist = torch.cat([best_hist, torch.where(better.cpu()[None], H[1:], best_hist[-1:])])
-        n_steps = max(n_steps, screen + k)
+        n_steps = torch.maximum(n_steps, screen + k)
 
     params = best_p
     with torch.no_grad():
@@ -428,21 +458,63 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
     return FitResult(
         method=meth.name, config=config, solver=chosen, init=init_label + w0_note,
         params=params, delta=delta, rel_error=rel,
-        history=[float(h.mean()) for h in best_hist], steps=int(n_steps),
+        history=[float(h.mean()) for h in best_hist], steps=int(n_steps.max()),
         seconds=time.perf_counter() - t_start, diverged=diverged.cpu(),
-        history_per_target=best_hist, winners=winners)
+        history_per_target=best_hist, winners=winners, steps_per_target=n_steps)
+
+
+def _seeds(seed, Bn: int) -> tuple[list[int], bool]:
+    """(one seed per target, whether they were given per target) from an int (the same
+    for all) or a sequence of Bn ints."""
+    if not isinstance(seed, Sequence):
+        return [int(seed)] * Bn, False
+    seeds = [int(s) for s in seed]
+    if len(seeds) != Bn:
+        raise ValueError(f"{len(seeds)} seeds for {Bn} targets: give one seed, or one per target")
+    return seeds, True
+
+
+def _initial(meth, M: Tensor, w0: Tensor, config, seeds: list[int], off: int, scheme: str):
+    """``initial_params`` with each target's own seed (+ off): one call per distinct seed,
+    on the targets that have it, put back in the batch's order."""
+    uniq = list(dict.fromkeys(seeds))
+    if len(uniq) == 1:
+        return initial_params(meth, M, w0, config, uniq[0] + off, scheme)
+    one: list[dict[str, Tensor]] = [{}] * len(seeds)  # per target, its factors (1, ...)
+    for s in uniq:
+        idx = [b for b, x in enumerate(seeds) if x == s]
+        ii = torch.tensor(idx, device=M.device)
+        p = initial_params(meth, M[ii], w0[ii], config, s + off, scheme)
+        for j, b in enumerate(idx):
+            one[b] = {k: v[j:j + 1] for k, v in p.items()}
+    return {k: _cat_like([o[k] for o in one]) for k in one[0]}
+
+
+def _cat_like(ts: list[Tensor]) -> Tensor:
+    """torch.cat on dim 0 keeping each matrix's memory layout (an SVD's factors are
+    column-major): reductions over a factor then add in the same order as for the
+    factor alone, so a target's numbers do not depend on its batch."""
+    if ts[0].ndim >= 2 and not ts[0].is_contiguous() and ts[0].mT.is_contiguous():
+        return torch.cat([t.mT for t in ts]).mT
+    return torch.cat(ts)
 
 
 def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
-    """The Khatri-Rao error and its hand-written gradient, for Adam and L-BFGS on ABBA/LoHa where
-    it is the cheaper one (small r1 r2: ``als_kr.gradient_cheaper``), else None (autograd
-    through ΔW)."""
-    if meth.name not in HADAMARD_PAIR:
+    """A hand-written error and gradient for Adam and L-BFGS, else None (autograd through
+    ΔW): for a Hadamard pair the Khatri-Rao one where it is the cheaper
+    (``als_kr.gradient_cheaper``), else the same through ΔW written out
+    (``als_kr.dense_value_and_grad``); the row-scaled LoRA one (``solvers.rowscale``) for a
+    method with a ``row_form``."""
+    if meth.row_form is not None:
+        return _rowscale.value_and_grad(meth, M, w0, config)
+    if not is_hadamard_pair(meth):
         return None
     st = structure(meth, p0, w0, config)
-    if st is None or not _kr.gradient_applies(st, p0, M.shape[-2], M.shape[-1]):
+    if st is None or not _kr._is_pair(st):
         return None
-    return _kr.value_and_grad(M, st)
+    if _kr.gradient_applies(st, p0, M.shape[-2], M.shape[-1]):
+        return _kr.value_and_grad(M, st)
+    return _kr.dense_value_and_grad(M, st)
 
 
 def _take(mask: Tensor, new: dict[str, Tensor], old: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -474,22 +546,25 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
     Bn = M.shape[0]
     active = torch.ones(Bn, dtype=torch.bool, device=M.device)
     window = window or 5
-    e = relative_error(M.double(), st.delta(p).double())
+    e = _als.rel_error(M, st.delta(p))
     hist = torch.zeros(steps + 1, Bn, dtype=torch.float64, device=M.device)  # preallocated
     hist[0] = e
     k = 0
+    its = torch.zeros(Bn, dtype=torch.long, device=M.device)
     bar = tqdm(total=steps, disable=not progress, desc=f"als {meth.name}", leave=False)
     names = [x for t in st.terms for pair in t.pairs for x in pair]
     beta = torch.full((Bn,), 0.5, dtype=torch.float64, device=M.device)
+    memo: dict = {}  # what stays the same from sweep to sweep (``als.als_sweep``)
     with torch.no_grad():
         for k in range(1, steps + 1):
+            its.masked_fill_(active, k)
             prev = p
-            p = _als.als_sweep(st, M, p, order, active)
-            e = relative_error(M.double(), st.delta(p).double())
+            p = _als.als_sweep(st, M, p, order, active, memo=memo)
+            e = _als.rel_error(M, st.delta(p))
             if extrapolate and k >= 2:
                 p, e, beta = _als.extrapolate(st, M, prev, p, e, beta, active, names)
             hist[k] = torch.where(active, e, hist[k - 1])
             if finish_step(bar, hist, k, active, window, tol):
                 break
         bar.close()
-    return p, list(hist[: k + 1]), k
+    return p, list(hist[: k + 1]), per_target_steps(its, k)

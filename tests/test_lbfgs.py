@@ -6,6 +6,7 @@ representable Hadamard target)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import theory
@@ -33,6 +34,33 @@ def test_lbfgs_error_never_increases_from_one_iteration_to_the_next():
         H = res.history_per_target  # (iterations + 1, b)
         assert bool((H[1:] <= H[:-1] + 1e-12).all()), name
         assert bool((H[-1] < H[0]).all()), name  # and it moved
+
+
+def test_hand_written_dense_gradient_and_autograd_give_the_same_lbfgs_run(monkeypatch):
+    """At r1 r2 beyond the Khatri-Rao gradient, the gradient through ΔW written out
+    (``als_kr.dense_value_and_grad``) runs L-BFGS as autograd does."""
+    M = make_target("random", (24, 20), batch=2, seed=3, dtype=torch.float64).M
+    c = theory.get_method("abba").config(r1=8, r2=8, alpha=3.0)
+    assert not F._kr.gradient_cheaper(8, 8, 24, 20)
+    hand = fit("abba", M, c, solver="lbfgs", steps=40, tol=0)
+    monkeypatch.setattr(F, "_kr_value_and_grad", lambda *a: None)
+    auto = fit("abba", M, c, solver="lbfgs", steps=40, tol=0)
+    torch.testing.assert_close(hand.history_per_target, auto.history_per_target, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,kw", [("dora", {"r": 3, "alpha": 6.0}), ("alpha_lora", {"r": 3})])
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_row_scaled_lora_gradient_and_autograd_give_the_same_run(name, kw, solver, monkeypatch):
+    """DoRA and α-LoRA (``Method.row_form``): the hand-written gradient of
+    ``solvers.rowscale`` runs Adam and L-BFGS as autograd does."""
+    M = make_target("random", (24, 20), batch=2, seed=4, dtype=torch.float64).M
+    w0 = make_target("gaussian", (24, 20), batch=2, seed=5, dtype=torch.float64).M / 20 ** 0.5
+    c = theory.get_method(name).config(**kw)
+    assert F._kr_value_and_grad(theory.get_method(name), M, w0, c, None) is not None
+    hand = fit(name, M, c, w0=w0, solver=solver, steps=40, tol=0)
+    monkeypatch.setattr(F, "_kr_value_and_grad", lambda *a: None)
+    auto = fit(name, M, c, w0=w0, solver=solver, steps=40, tol=0)
+    torch.testing.assert_close(hand.history_per_target, auto.history_per_target, rtol=1e-7, atol=1e-10)
 
 
 def test_khatri_rao_gradient_and_autograd_give_the_same_lbfgs_run(monkeypatch):

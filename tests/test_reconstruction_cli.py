@@ -249,11 +249,11 @@ def test_jsonl_reader_skips_a_torn_last_line_and_appends_after_it(tmp_path):
 # --------------------------------------------------------------------------- #
 # bench
 # --------------------------------------------------------------------------- #
-def test_bench_quick_prints_the_four_ratios(tmp_path):
+def test_bench_quick_prints_the_five_benchmarks(tmp_path):
     p = cli("--quick", "--json", str(tmp_path / "b.json"), module="reconstruction.bench",
             timeout=400)
     assert p.returncode == 0, p.stderr
-    for tag in ("(a)", "(b)", "(c)", "(d)"):
+    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         assert tag in p.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     res = {r["bench"]: r for r in data["results"]}
@@ -265,6 +265,10 @@ def test_bench_quick_prints_the_four_ratios(tmp_path):
     # forming ΔW costs at least the m×n matrix, the Khatri-Rao forward does not
     n = res["forward"]["size"]
     assert all(r["dense_bytes"] >= 4 * n * n > r["kr_bytes"] for r in fwd[:1])
+    # (e) the batched sweep and the cell-by-cell one: every cell, the same numbers
+    sw = res["sweep"]
+    assert sw["cells"] > 50 and sw["batches"] < sw["cells"] and sw["failed"] == 0
+    assert sw["max_error_gap"] == 0.0 and sw["batched_per_min"] > 0 < sw["cell_by_cell_per_min"]
 
 
 def test_live_bytes_mode_counts_peak_of_live_tensors():

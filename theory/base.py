@@ -148,8 +148,44 @@ class Method(ABC):
     needs_w0: ClassVar[bool] = False
     #: the PEFT tuner implementing the same update, when there is one
     peft_name: ClassVar[str | None] = None
-    #: names of the factors that are trainable (the others are frozen buffers)
+    #: names of the factors that are frozen buffers (the others are trainable)
     frozen: ClassVar[tuple[str, ...]] = ()
+
+    # -- structure the reconstruction solvers read ------------------------------ #
+    # ``reconstruction.solvers`` never looks a method up by name: it reads these, so a
+    # new method is one new file. A declared product form is checked numerically against
+    # ``delta`` before a solver relies on it.
+    #: ΔW = s · Σ_t F_t ⊙ Π_{(B, A) in term t} (B A), every factor entering linearly (the
+    #: form the ALS solves): the (B, A) factor names of each term; None when ΔW has no such
+    #: form. A name with "{k}" stands for K terms k = 0..K-1, one per slice of the frozen
+    #: factor named by ``product_modulator`` (SMoA).
+    product_terms: ClassVar[tuple[tuple[tuple[str, str], ...], ...] | None] = None
+    #: F_t of those terms: None (all ones), "w0" (the frozen weight: HiRA), or the name of a
+    #: frozen factor (..., K, m, n) whose k-th slice multiplies term k (SMoA's masks "M")
+    product_modulator: ClassVar[str | None] = None
+    #: a fixed matrix subtracted from that form: None, or "w0" (ΔW = W0 ⊙ (B A) − W0: HUT)
+    product_offset: ClassVar[str | None] = None
+    #: the exact best fit the solvers have for this ΔW: "truncated_svd" (s B A, Eckart-Young),
+    #: "identity" (ΔW = W itself), "core" (C (U − U0) R with C, R, U0 frozen: U = U0 + C⁺ M R⁺),
+    #: "shard" (MiSS's tiled shard: one least squares per entry); None: no closed form
+    closed_form: ClassVar[str | None] = None
+    #: an exact alternating solver for this ΔW: "scalings" (diag(b) B diag(d) A with A, B
+    #: frozen, bilinear in b, d: VeRA), "kronecker" (s W1 ⊗ W2, nearest Kronecker product:
+    #: LoKr); None: none
+    exact_als: ClassVar[str | None] = None
+    #: the factors (B, A) of a LoRA term s·B A that ΔW equals exactly once ``embed_lora``
+    #: sets the other factors (DoRA, α-LoRA), so a fit can start at the LoRA optimum; None
+    lora_term: ClassVar[tuple[str, str] | None] = None
+    #: LoRA on rows of W0 scaled by a trainable vector (the gradient solvers then use a
+    #: hand-written gradient): ("scaled_base", name) for W' = diag(v) W0 + s·B A (α-LoRA),
+    #: ("weight_norm", name) for W' = diag(v / ‖V‖_row) V, V = W0 + s·B A (DoRA); with
+    #: (B, A) = ``lora_term`` and s = ``config.scale``; None: neither
+    row_form: ClassVar[tuple[str, str] | None] = None
+
+    def embed_lora(self, params: Params, w0: Tensor, config: Config) -> Params:
+        """``params`` with every factor but ``lora_term`` set so that ΔW = s·B A exactly
+        (s = ``config.scale``); only for methods with a ``lora_term``."""
+        raise NotImplementedError(f"{self.name} holds no LoRA term s·B A")
 
     # -- configuration ------------------------------------------------------ #
     def config(self, **kwargs) -> Config:

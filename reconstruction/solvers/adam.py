@@ -48,7 +48,7 @@ def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
 def run_adam(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, steps: int,
              lr: float, schedule: str = "cosine", tol: float = 1e-7, window: int | None = None,
              progress: bool = False, value_and_grad=None) -> tuple[Params, list[Tensor], int, Tensor]:
-    """Returns (best params, per-step errors [(b,)...], steps run, diverged (b,)).
+    """Returns (best params, per-step errors [(b,)...], steps run per target (b,), diverged (b,)).
     ``value_and_grad(params) -> ((b,), {name: gradient})``: the relative errors and
     their gradients computed by hand (``als_kr.value_and_grad``: no m×n intermediate,
     no autograd); default: autograd through ``method.delta``."""
@@ -73,7 +73,9 @@ def run_adam(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, s
     BH = torch.zeros(steps + 1, b, dtype=torch.float64, device=M.device)
     bar = tqdm(total=steps, disable=not progress, desc=f"adam {method.name}", leave=False)
     t = 0
+    its = torch.zeros(b, dtype=torch.long, device=M.device)
     for t in range(steps + 1):  # the last pass only evaluates
+        its.masked_fill_(active, t)
         grads = None
         if value_and_grad is not None:
             with torch.no_grad():
@@ -118,4 +120,4 @@ def run_adam(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, s
             bar.set_postfix(err=f"{float(best_err.mean()):.4g}")
     bar.close()
     out = {**{k: v.detach() for k, v in best.items()}, **fixed}
-    return {k: out[k] for k in params0}, list(H[: t + 1]), t, diverged
+    return {k: out[k] for k in params0}, list(H[: t + 1]), its.long().cpu(), diverged

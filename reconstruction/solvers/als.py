@@ -28,29 +28,83 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, Structure
+from .common import Params, Structure, bmm, lstsq_driver
+
+#: a modulated half-step (C given) with r at least this large is solved by CG_ITERS steps
+#: of Jacobi-preconditioned conjugate gradients (``_row_cg``) instead of forming every
+#: G_i: (2 CG_ITERS + 4) m n r flops of GEMM against m n r²/2 and a (b, m, r, r) float64
+#: tensor (166 MB at 1000×1000, r = 72, 4 targets)
+CG_FROM = 24
+CG_ITERS = 4
 
 
 def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
-               ridge: float = 1e-10) -> Tensor:
+               ridge: float = 1e-10, C2: Tensor | None = None, CT: Tensor | None = None) -> Tensor:
     """argmin_B ‖T − s C ⊙ (B A)‖² row by row; rows that would not improve keep B_old.
 
-    T, C: (b, m, n); A: (b, r, n); B_old: (b, m, r). Returns (b, m, r)."""
+    T, C: (b, m, n); A: (b, r, n); B_old: (b, m, r); C2 = C ⊙ C, CT = C ⊙ T when the
+    caller has them (they stay the same from sweep to sweep for a fixed C). Returns (b, m, r)."""
     b, r, _n = A.shape
     m = T.shape[-2]
+    if C is not None and C2 is None:
+        C2 = C * C
+    if C is not None and CT is None:
+        CT = C * T
+    if C is not None and r >= CG_FROM:
+        return _row_cg(T, C, A, B_old, s, C2=C2, CT=CT)
     if C is None:
         G = (A @ A.mT)[:, None]  # (b, 1, r, r)
-        rhs = T @ A.mT  # (b, m, r)
+        rhs = bmm(T, A.mT)  # (b, m, r)
     else:
         # only the r(r+1)/2 distinct entries of the symmetric G_i: half the flops
         iu, ju = torch.triu_indices(r, r, device=A.device)
         KR = A[:, iu, :] * A[:, ju, :]  # (b, r(r+1)/2, n)
-        g = (C * C) @ KR.mT  # (b, m, r(r+1)/2)
+        g = bmm(C2, KR.mT)  # (b, m, r(r+1)/2)
         G = torch.zeros(b, m, r, r, dtype=g.dtype, device=g.device)
         G[..., iu, ju] = g
         G[..., ju, iu] = g
-        rhs = (C * T) @ A.mT  # (b, m, r)
+        rhs = bmm(CT, A.mT)  # (b, m, r)
     return solve_rows(G.double(), rhs.double(), B_old, s, ridge)
+
+
+def _row_cg(T: Tensor, C: Tensor, A: Tensor, B_old: Tensor, s: float, iters: int = CG_ITERS,
+            C2: Tensor | None = None, CT: Tensor | None = None) -> Tensor:
+    """``CG_ITERS`` steps of preconditioned conjugate gradients on every row's normal
+    equations s² G_i x = s rhs_i at once, from the current rows B_old, each product with
+    the G_i as two GEMMs: G X = ((X A) ⊙ C²) Aᵀ; preconditioner diag G_i = (C²)(A²)ᵀ.
+    CG from x0 lowers each row's convex objective at every step (in exact arithmetic), so
+    the sweep stays monotone without the exact solve; rows that did not improve keep
+    B_old all the same. T, C: (b, m, n); A: (b, r, n); B_old: (b, m, r)."""
+    C2 = C * C if C2 is None else C2  # (b, m, n)
+    At = A.mT  # (b, n, r)
+    rhs = ((C * T if CT is None else CT) @ At).double() / s  # (b, m, r): G x = rhs / s
+    D = (C2 @ (A * A).mT).double()  # (b, m, r): diag of every G_i
+    D = torch.where(D > 0, D, torch.ones_like(D))
+
+    def G(X: Tensor) -> Tensor:  # (b, m, r) float64 -> G_i x_i for every row
+        return (((X.to(A.dtype) @ A) * C2) @ At).double()
+
+    def obj(X: Tensor, GX: Tensor) -> Tensor:  # row objective / s² minus const
+        return (X * GX).sum(-1) - 2 * (X * rhs).sum(-1)
+
+    x0 = B_old.double()
+    Gx0 = G(x0)
+    x, res = x0, rhs - Gx0
+    z = res / D
+    p, rz = z, (res * z).sum(-1, keepdim=True)
+    for _ in range(iters):
+        q = G(p)
+        pq = (p * q).sum(-1, keepdim=True)
+        alpha = torch.where(pq > 0, rz / torch.where(pq > 0, pq, torch.ones_like(pq)), torch.zeros_like(pq))
+        x = x + alpha * p
+        res = res - alpha * q
+        z = res / D
+        rz_new = (res * z).sum(-1, keepdim=True)
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        p, rz = z + beta * p, rz_new
+    Gx = rhs - res  # G x, carried by the recursion
+    ok = torch.isfinite(x).all(-1) & (obj(x, Gx) <= obj(x0, Gx0))
+    return torch.where(ok[..., None], x, x0).to(B_old)
 
 
 def solve_rows(Gd: Tensor, rd: Tensor, B_old: Tensor, s: float, ridge: float = 1e-10,
@@ -68,10 +122,12 @@ def solve_rows(Gd: Tensor, rd: Tensor, B_old: Tensor, s: float, ridge: float = 1
     Greg = Gd if overwrite else Gd.clone()
     torch.diagonal(Greg, dim1=-2, dim2=-1).add_(lam[..., None])  # G + λ I
     L, info = torch.linalg.cholesky_ex(Greg)
-    if bool((info != 0).any()):
-        Bn = torch.linalg.lstsq(Greg.expand(b, m, r, r), rd[..., None]).solution[..., 0]
-    else:
-        Bn = torch.cholesky_solve(rd[..., None], L.expand(b, m, r, r))[..., 0]  # (b, m, r)
+    Bn = torch.cholesky_solve(rd[..., None], L.expand(b, m, r, r))[..., 0]  # (b, m, r)
+    failed = (info != 0).flatten(1).any(1)  # (b,): a target with a failed factorization
+    if bool(failed.any()):  # solves all its rows by least squares (per target: batch-blind)
+        ls = torch.linalg.lstsq(Greg.expand(b, m, r, r)[failed], rd[failed][..., None],
+                                driver=lstsq_driver(Greg)).solution[..., 0]
+        Bn = Bn.index_put((failed.nonzero()[:, 0],), ls)
     Bn = Bn / s
 
     def obj(X: Tensor) -> Tensor:  # row objective minus const: s² xᵀGx − 2 s xᵀrhs
@@ -97,7 +153,7 @@ def _orth_cols(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
 
 def pair_norm(B: Tensor, A: Tensor) -> Tensor:
     """‖B A‖_F per target without forming B A: sqrt(tr(BᵀB · A Aᵀ)). (b, m, r), (b, r, n) -> (b,)"""
-    return ((B.mT @ B) * (A @ A.mT)).sum((-2, -1)).clamp_min(0).sqrt()
+    return (bmm(B.mT, B) * (A @ A.mT)).sum((-2, -1)).clamp_min(0).sqrt()
 
 
 def unstick(st: Structure, params: Params, seed: int = 0) -> Params:
@@ -132,29 +188,45 @@ def sweep_order(st: Structure, params: Params) -> list[tuple[int, int]]:
 
 
 def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
-              ridge: float = 1e-10) -> Params:
+              ridge: float = 1e-10, memo: dict | None = None) -> Params:
     """One sweep (every B then its A, pair by pair). Targets with active[b] False
-    keep their factors. Returns new params."""
+    keep their factors. Returns new params. ``memo`` (a dict the caller keeps from sweep
+    to sweep) holds what does not change: the form's target M + offset, and for a term
+    of one pair its C ⊙ C (and C ⊙ T when it is the only term). With several terms, the
+    others' sum is kept and updated as each term changes (K products per sweep, not K²)."""
+    memo = {} if memo is None else memo
     p = dict(params)
     s = st.scale
     nt = len(st.terms)
+    if "base" not in memo:
+        memo["base"] = M if st.offset is None else M + st.offset  # the form's own target
+    base = memo["base"]
+    prods = [st.product(p, u) for u in range(nt)] if nt > 1 else None
+    total = sum(prods) if nt > 1 else None
     for t, q in order:
         bn, an = st.terms[t].pairs[q]
-        if nt > 1:
-            other = sum(st.product(p, u) for u in range(nt) if u != t)
-            T = M - s * other
-        else:
-            T = M
+        T = base if nt == 1 else base - s * (total - prods[t])
         C = st.product(p, t, skip=q)  # (b, m, n) or None
+        fixed = C is not None and C is st.terms[t].fixed  # a one-pair term: C = F_t
+        C2 = CT = None
+        if fixed:
+            C2 = memo.setdefault(("C2", t), C * C)
+            if nt == 1:
+                CT = memo.setdefault(("CT", t), C * T)
         # B step
         B, A = _orth_rows(p[bn], p[an])
-        Bn = _row_solve(T, C, A, B, s, ridge)
+        Bn = _row_solve(T, C, A, B, s, ridge, C2=C2, CT=CT)
         # A step (transposed problem)
         Bq, Aq = _orth_cols(Bn, A)
-        An = _row_solve(T.mT, None if C is None else C.mT, Bq.mT, Aq.mT, s, ridge).mT
+        An = _row_solve(T.mT, None if C is None else C.mT, Bq.mT, Aq.mT, s, ridge,
+                        C2=None if C2 is None else C2.mT, CT=None if CT is None else CT.mT).mT
         keep = ~active
         p[bn] = torch.where(keep[:, None, None], params[bn], Bq)
         p[an] = torch.where(keep[:, None, None], params[an], An)
+        if nt > 1:  # this term's new product, into the sum of the others
+            new = st.product(p, t)
+            total = total - prods[t] + new
+            prods[t] = new
     # rebalance the pairs of each Hadamard term to equal Frobenius norms
     for term in st.terms:
         if len(term.pairs) < 2:
@@ -168,6 +240,12 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
     return p
 
 
+def rel_error(M: Tensor, D: Tensor) -> Tensor:
+    """‖M − D‖² / ‖M‖² per target, summed in float64 (no float64 copy of the m×n tensors)."""
+    den = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
+    return (M - D).pow(2).sum((-2, -1), dtype=torch.float64) / den
+
+
 def extrapolate(st: Structure, M: Tensor, prev: Params, cur: Params, err: Tensor, beta: Tensor,
                 active: Tensor, names: list[str]) -> tuple[Params, Tensor, Tensor]:
     """Line-search acceleration (as for CP-ALS, Bro 1998): try cur + β (cur − prev) on
@@ -179,8 +257,7 @@ def extrapolate(st: Structure, M: Tensor, prev: Params, cur: Params, err: Tensor
     cand = dict(cur)
     for k in names:
         cand[k] = cur[k] + bsh.to(cur[k]) * (cur[k] - prev[k])
-    e2 = (M.double() - st.delta(cand).double()).pow(2).sum((-2, -1)) / \
-        M.double().pow(2).sum((-2, -1)).clamp_min(1e-300)
+    e2 = rel_error(M, st.delta(cand))
     ok = active & torch.isfinite(e2) & (e2 < err)
     out = dict(cur)
     for k in names:

@@ -41,30 +41,42 @@ import torch
 from torch import Tensor
 
 from .als import pair_norm, solve_rows
-from .common import Params, Structure, finish_step
+from .common import Params, Structure, bmm, finish_step, per_target_steps
 
+#: the names the solver uses inside; a method's own names (its ``product_terms``) are
+#: mapped onto them at the entry and back at the exit
 NAMES = ("B1", "A1", "B2", "A2")
 
 
 def applies(st: Structure, params: Params, m: int, n: int) -> bool:
     """True for one term s (B1 A1) ⊙ (B2 A2) with no fixed matrix, when this solver
     costs fewer than twice the flops of the generic ALS (its flops are all GEMM)."""
-    return _is_pair(st) and cheaper(params["A1"].shape[-2], params["A2"].shape[-2], m, n)
+    if not _is_pair(st):
+        return False
+    _, a1, _, a2 = names(st)
+    return cheaper(params[a1].shape[-2], params[a2].shape[-2], m, n)
 
 
 def gradient_applies(st: Structure, params: Params, m: int, n: int) -> bool:
     """Whether ``value_and_grad`` is the faster gradient for Adam and L-BFGS: the same
     single-term structure as ``applies``, and (``gradient_cheaper``) its flops against
     autograd through ΔW."""
-    return _is_pair(st) and gradient_cheaper(params["A1"].shape[-2], params["A2"].shape[-2], m, n)
+    if not _is_pair(st):
+        return False
+    _, a1, _, a2 = names(st)
+    return gradient_cheaper(params[a1].shape[-2], params[a2].shape[-2], m, n)
 
 
 def _is_pair(st: Structure) -> bool:
-    """One term s (B1 A1) ⊙ (B2 A2) with no fixed matrix, factors named as NAMES."""
-    if len(st.terms) != 1 or st.terms[0].fixed is not None or len(st.terms[0].pairs) != 2:
-        return False
+    """One term s (B1 A1) ⊙ (B2 A2) with no fixed matrix."""
+    return (len(st.terms) == 1 and st.terms[0].fixed is None and len(st.terms[0].pairs) == 2
+            and st.offset is None)
+
+
+def names(st: Structure) -> tuple[str, str, str, str]:
+    """The method's names of (B1, A1, B2, A2)."""
     (b1, a1), (b2, a2) = st.terms[0].pairs
-    return (b1, a1, b2, a2) == NAMES
+    return b1, a1, b2, a2
 
 
 def gradient_cheaper(r1: int, r2: int, m: int, n: int) -> bool:
@@ -152,9 +164,9 @@ class KRALS:
         A2t, B2t = _orth(p["A2"].mT, p["B2"].mT)
         q = {"B1": B1t.mT, "A1": A1t.mT, "B2": B2t.mT, "A2": A2t.mT}
         KA = _kr_rows(q["A1"].mT, q["A2"].mT)  # (b, n, r1 r2) = K_Aᵀ
-        P = (self.M @ KA).double()  # (b, m, r1 r2): the GEMM
+        P = bmm(self.M, KA).double()  # (b, m, r1 r2): the GEMM
         KAd = KA.double()
-        H = KAd.mT @ KAd  # (b, r1 r2, r1 r2)
+        H = bmm(KAd.mT, KAd)  # (b, r1 r2, r1 r2)
         if not err:
             return Prepared(q, P, H, torch.full_like(self.nrm2, math.nan))
         KB = _kr_rows(q["B1"].double(), q["B2"].double())
@@ -196,9 +208,9 @@ class KRALS:
         B1, A1 = _orth(B1, q["A1"])
         B2, A2 = _orth(B2, q["A2"])
         KB = _kr_rows(B1, B2)  # (b, m, r1 r2)
-        Q = (self.MT @ KB).double()  # (b, n, r1 r2): the GEMM
+        Q = bmm(self.MT, KB).double()  # (b, n, r1 r2): the GEMM
         KBd = KB.double()
-        HB = KBd.mT @ KBd
+        HB = bmm(KBd.mT, KBd)
         A1t, A2t = self._half(A1.mT, A2.mT, Q, HB)
         err = self._err(_kr_rows(A1t.double(), A2t.double()), Q, HB)
         # rebalance ‖B1 A1‖ = ‖B2 A2‖ (ΔW unchanged)
@@ -237,7 +249,10 @@ def value_and_grad(M: Tensor, st: Structure):
         G4 = G.unflatten(-1, (X1.shape[-1], X2.shape[-1]))  # (b, N, r1, r2)
         return (G4 @ X2[..., None])[..., 0], (X1[..., None, :] @ G4)[..., 0, :]
 
-    def fn(p: Params) -> tuple[Tensor, Params]:
+    own = names(st)
+
+    def fn(params: Params) -> tuple[Tensor, Params]:
+        p = dict(zip(NAMES, (params[k] for k in own)))
         A1t, A2t = p["A1"].mT, p["A2"].mT  # (b, n, r1), (b, n, r2)
         KA = _kr_rows(A1t, A2t)  # (b, n, R) = K_Aᵀ
         KB = _kr_rows(p["B1"], p["B2"])  # (b, m, R)
@@ -254,7 +269,33 @@ def value_and_grad(M: Tensor, st: Structure):
         GA = (s * KAH - Q).mul_(w)  # (b, n, R) ∂e/∂K_Aᵀ
         gB1, gB2 = split(GB, p["B1"], p["B2"])
         gA1t, gA2t = split(GA, A1t, A2t)
-        return e, {"B1": gB1, "B2": gB2, "A1": gA1t.mT, "A2": gA2t.mT}
+        return e, dict(zip(own, (gB1, gA1t.mT, gB2, gA2t.mT)))
+
+    return fn
+
+
+def dense_value_and_grad(M: Tensor, st: Structure):
+    """The same errors and gradients through ΔW itself, written out, for r1 r2 too large
+    for the Khatri-Rao expansion: with P1 = B1 A1, P2 = B2 A2, R = s P1 ⊙ P2 − M and
+    G = 2 s R / ‖M‖²,
+
+        ∂e/∂B1 = (G ⊙ P2) A1ᵀ,  ∂e/∂A1 = B1ᵀ (G ⊙ P2),  and the same for pair 2 with P1:
+
+    six GEMMs of m n r, as autograd does, without its graph and saved tensors.
+    Returns fn(params) -> (e (b,), {name: gradient}), to be called under no_grad."""
+    s = float(st.scale)
+    nrm = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)  # (b,)
+    w = (2 * s / nrm).to(M.dtype)[:, None, None]
+    own = names(st)
+
+    def fn(params: Params) -> tuple[Tensor, Params]:
+        B1, A1, B2, A2 = (params[k] for k in own)
+        P1, P2 = B1 @ A1, B2 @ A2  # (b, m, n)
+        R = s * (P1 * P2) - M
+        e = (R * R).sum((-2, -1), dtype=torch.float64) / nrm
+        G = R.mul_(w)  # ∂e/∂(P1 ⊙ P2) times s, in place of R
+        G2, G1 = G * P1, G.mul_(P2)  # ∂e/∂P2, ∂e/∂P1
+        return e, dict(zip(own, (G1 @ A1.mT, B1.mT @ G1, G2 @ A2.mT, B2.mT @ G2)))
 
     return fn
 
@@ -266,22 +307,25 @@ def _where(mask: Tensor, a: Params, b: Params) -> Params:
 def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window: int,
         progress: bool, extrapolate: bool = True, label: str = "als"):
     """Sweeps until ``steps`` or every target stalls (error improved by less than
-    ``tol`` relatively over ``window`` sweeps). Returns (params, history, sweeps)
-    like ``fit._run_als``: history[k] (b,) is the error after sweep k."""
+    ``tol`` relatively over ``window`` sweeps). Returns (params, history, sweeps per
+    target (b,)) like ``fit._run_als``: history[k] (b,) is the error after sweep k."""
     from tqdm.auto import tqdm
 
     sol = KRALS(M, st.scale)
     Bn = M.shape[0]
-    p = {k: p0[k] for k in NAMES}
+    own = names(st)
+    p = dict(zip(NAMES, (p0[k] for k in own)))
     active = torch.ones(Bn, dtype=torch.bool, device=M.device)
     hist = torch.zeros(steps + 1, Bn, dtype=torch.float64, device=M.device)
     prep = sol.prepare(p)
     hist[0] = prep.err
     beta = torch.full((Bn,), 0.5, dtype=torch.float64, device=M.device)
     k = 0
+    its = torch.zeros(Bn, dtype=torch.long, device=M.device)
     bar = tqdm(total=steps, disable=not progress, desc=label, leave=False)
     with torch.no_grad():
         for k in range(1, steps + 1):
+            its.masked_fill_(active, k)
             new, e = sol.sweep(prep)
             new = _where(active, new, p)
             e = torch.where(active, e, hist[k - 1])
@@ -311,4 +355,4 @@ def run(M: Tensor, st: Structure, p0: Params, *, steps: int, tol: float, window:
     bar.close()
     if not math.isfinite(float(hist[k].max())):
         raise RuntimeError("Khatri-Rao ALS produced a non-finite error; please report")
-    return p, list(hist[: k + 1]), k
+    return {**p0, **{o: p[x] for x, o in zip(NAMES, own)}}, list(hist[: k + 1]), per_target_steps(its, k)

@@ -49,7 +49,9 @@ target stops when its error improved by less than ``tol`` (relative) over
 ``window`` sweeps. Bilinear, hence non-convex, with genuine local minima (their
 errors differ by up to ~1e-3): the ALS runs several starting d's at once (the
 given one, d = 1, Gaussian d's; ``VERA_STARTS``, fewer where a sweep is costly),
-sharing P and S, and keeps the best stationary point per target.
+sharing P and S, and keeps the best stationary point per target. On large problems
+(m r² > ``VERA_WORK``) one start, stopped at a relative tolerance of at least
+``VERA_LARGE_TOL`` (measured there to cost < 2e-4 of error).
 
 (4) LoKr, ΔW = s W1 ⊗ W2, W1 (a, c), W2 (bb, d), m = a·bb, n = c·d (PEFT layout;
 W2 = B2 A2 of rank r when low-rank, W1 = B1 A1 with ``decompose_both``). The Van
@@ -80,12 +82,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, finish_step, truncated_factors
+from .common import (
+    Params,
+    bmm,
+    finish_step,
+    per_target_steps,
+    truncated_factors,
+    truncated_product,
+)
 
-#: methods with a closed-form (linear least-squares) best fit here
-CLOSED_FORM = ("pmss", "miss")
-#: methods fitted by the exact alternating solvers here
-ALS = ("vera", "lokr")
+#: the closed forms (``Method.closed_form``) solved here: PMSS's core, MiSS's shard
+CLOSED_FORMS = ("core", "shard")
+#: the exact alternating solvers (``Method.exact_als``) here: VeRA's scalings, LoKr's
+#: Kronecker factors
+EXACT_ALS = ("scalings", "kronecker")
 
 F64 = torch.float64
 
@@ -182,12 +192,12 @@ def fit_miss(M: Tensor, w0: Tensor | None, config, p0: Params) -> Params:
 def closed_form(method, M: Tensor, w0: Tensor | None, config, p0: Params) -> Params:
     """The optimal factors of PMSS or MiSS for the targets M (b, m, n); ``p0``: the
     method's init (its frozen factors and the shapes)."""
-    if method.name == "pmss":
+    if method.closed_form == "core":
         return fit_pmss(M, p0)
-    if method.name == "miss":
+    if method.closed_form == "shard":
         return fit_miss(M, w0, config, p0)
     raise ValueError(f"{method.name}: no closed form here "
-                     f"(exact closed forms: {', '.join(CLOSED_FORM)})")
+                     f"(exact closed forms: {', '.join(CLOSED_FORMS)})")
 
 
 # --------------------------------------------------------------------------- #
@@ -195,9 +205,16 @@ def closed_form(method, M: Tensor, w0: Tensor | None, config, p0: Params) -> Par
 # --------------------------------------------------------------------------- #
 #: VeRA's ALS runs up to this many starts at once (the given one, d constant,
 #: Gaussian d's) and keeps the best per target: the problem has local minima. Fewer
-#: (at least 2) where a sweep is expensive: starts · m r² <= VERA_WORK.
+#: where a sweep is expensive: starts · m r² <= VERA_WORK (at least 2 up to m r² =
+#: VERA_WORK, one beyond: on the four Fig. 2 targets at 300×300 (r = 300) the second
+#: start never won, and 8 starts gained at most 1e-4).
 VERA_STARTS = 8
 VERA_WORK = 8 * 256 * 256 ** 2
+#: beyond VERA_WORK a target also stops once its error improves by less than this
+#: (relative) over the window: the bilinear problem's valley is flat there (at 300×300
+#: sweeps 50-200 lowered the errors, about 0.98, by less than 2e-4), and a sweep
+#: costs 2 m r² + r³/3 float64 flops (7 GFLOP at 1000×1000, r = 1000)
+VERA_LARGE_TOL = 1e-5
 
 
 class _Vera:
@@ -265,12 +282,15 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
     Each sweep: b-step (V1), d-step (V2), a step kept only where it does not raise
     (V3); the best start is kept per target.
     Returns (params, history [(b,) per sweep of the winning start, the start first],
-    sweeps)."""
+    sweeps per target (b,))."""
     st = _Vera(M, p0["A"], p0["B"])
     Bn = M.shape[0]
     m, r = p0["B"].shape[-2:]
+    large = m * r * r > VERA_WORK
     if starts is None:
-        starts = max(2, min(VERA_STARTS, VERA_WORK // max(1, m * r * r)))
+        starts = 1 if large else max(2, min(VERA_STARTS, VERA_WORK // max(1, m * r * r)))
+    if large:
+        tol = max(tol, VERA_LARGE_TOL)
     d = vera_starts(p0, max(1, int(starts)))  # (k, b, r)
     K = d.shape[0]
     b = p0["b"].to(F64).expand(K, *p0["b"].shape).clone()  # (k, b, m)
@@ -279,8 +299,10 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
     hist = torch.zeros(steps + 1, K, Bn, dtype=F64, device=M.device)
     hist[0] = st.err(b, num, q)
     k = 0
+    its = torch.zeros(K, Bn, dtype=torch.long, device=M.device)
     bar = _bar(steps, progress, "als vera")
     for k in range(1, steps + 1):
+        its.masked_fill_(active, k)
         e_old = hist[k - 1]
         b1 = st.b_step(b, num, q)
         e1 = st.err(b1, num, q)
@@ -307,7 +329,7 @@ def run_vera(M: Tensor, p0: Params, *, steps: int, tol: float, window: int,
     t = _balance(b, d)
     out["b"] = (b * t[:, None]).to(p0["b"])
     out["d"] = (d / t[:, None]).to(p0["d"])
-    return out, list(hist[: k + 1, win, ar]), k
+    return out, list(hist[: k + 1, win, ar]), per_target_steps(its, k)
 
 
 # --------------------------------------------------------------------------- #
@@ -356,7 +378,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
     r = int(config.r)
     s = float(config.scale)
     if s == 0.0:  # ΔW = 0 whatever the factors
-        return dict(p0), [torch.ones(Bn, dtype=F64, device=M.device)], 0
+        return dict(p0), [torch.ones(Bn, dtype=F64, device=M.device)], torch.zeros(Bn, dtype=torch.long)
     Rm = rearrange(M.to(F64), a, bb, c, d)  # (b, a c, bb d)
     nM = (Rm * Rm).sum((-2, -1)).clamp_min(1e-300)  # (b,)
     exact_start = sh.full_w1 and sh.full_w2  # (K2) is the optimum
@@ -364,8 +386,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
     def cut1(Z1: Tensor) -> Tensor:  # (..., a, c) -> the W1 constraint
         if sh.full_w1:
             return Z1
-        Bf, Af = truncated_factors(Z1, r)
-        return Bf @ Af
+        return truncated_product(Z1, r)
 
     def safe(x: Tensor) -> tuple[Tensor, Tensor]:
         ok = x > 1e-300
@@ -373,10 +394,9 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
 
     def w2_step(w1: Tensor, w2_old: Tensor) -> Tensor:  # (K3): w1 (k, b, a c) = vec(s W1)
         ok, n1 = safe((w1 * w1).sum(-1))  # (k, b)
-        Z2 = ((Rm.mT @ w1[..., None])[..., 0] / n1[..., None]).reshape(*w1.shape[:-1], bb, d)
+        Z2 = (bmm(Rm.mT, w1[..., None])[..., 0] / n1[..., None]).reshape(*w1.shape[:-1], bb, d)
         if not sh.full_w2:
-            Bf, Af = truncated_factors(Z2, r)
-            Z2 = Bf @ Af
+            Z2 = truncated_product(Z2, r)
         return torch.where(ok[..., None], Z2.reshape(*w1.shape[:-1], bb * d), w2_old)
 
     def w1_step(w2: Tensor, Rw2: Tensor, w1_old: Tensor) -> Tensor:  # (K4), Rw2 = 𝓡 w2
@@ -385,7 +405,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         return torch.where(ok[..., None], cut1(Z1).reshape(*w2.shape[:-1], a * c), w1_old)
 
     def apply(w2: Tensor) -> Tensor:  # 𝓡 w2: (k, b, bb d) -> (k, b, a c)
-        return (Rm @ w2[..., None])[..., 0]
+        return bmm(Rm, w2[..., None])[..., 0]
 
     def err(w1: Tensor, w2: Tensor, Rw2: Tensor) -> Tensor:
         cross = (w1 * Rw2).sum(-1)
@@ -395,7 +415,10 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         w1 = (s * method._factor(p0, 1).to(F64)).reshape(1, Bn, a * c)
         w2 = method._factor(p0, 2).to(F64).reshape(1, Bn, bb * d)
     else:
-        U, S, Vh = torch.linalg.svd(Rm, full_matrices=False)  # (b, a c, t), (b, t), (b, t, bb d)
+        # (b, a c, t), (b, t), (b, t, bb d); one target at a time: LAPACK's batched SVD of
+        # a wide matrix rounds differently with the batch's size
+        U, S, Vh = (torch.cat(x) for x in zip(*(torch.linalg.svd(R, full_matrices=False)
+                                                 for R in Rm.split(1))))
         # (K2): start k = 0 is W1 = u_1 (cut to rank), then W2 by (K3)
         if starts is None:
             cost = sum(p * q * min(p, q) for (p, q), full in (((a, c), sh.full_w1), ((bb, d), sh.full_w2))
@@ -410,8 +433,10 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
     hist = torch.zeros(steps + 1, K, Bn, dtype=F64, device=M.device)
     hist[0] = err(w1, w2, Rw2)
     k = 0
+    its = torch.zeros(K, Bn, dtype=torch.long, device=M.device)
     bar = _bar(steps, progress, "als lokr")
     for k in range(1, steps + 1):
+        its.masked_fill_(active, k)
         e_old = hist[k - 1]
         w1n = w1_step(w2, Rw2, w1)
         w2n = w2_step(w1n, w2)
@@ -438,7 +463,7 @@ def run_lokr(method, M: Tensor, config, p0: Params, *, steps: int, tol: float, w
         else:
             Bf, Af = truncated_factors(W, r)
             out[f"B{i}"], out[f"A{i}"] = Bf.to(p0[f"B{i}"]), Af.to(p0[f"A{i}"])
-    return out, list(hist[: k + 1, win, ar]), k
+    return out, list(hist[: k + 1, win, ar]), per_target_steps(its, k)
 
 
 def run_als(method, M: Tensor, w0: Tensor | None, config, p0: Params, *, steps: int,
@@ -449,9 +474,9 @@ def run_als(method, M: Tensor, w0: Tensor | None, config, p0: Params, *, steps: 
     Returns (params, history [(b,) per sweep, the start first], sweeps)."""
     window = window or 5
     with torch.no_grad():
-        if method.name == "vera":
+        if method.exact_als == "scalings":
             return run_vera(M, p0, steps=steps, tol=tol, window=window, progress=progress)
-        if method.name == "lokr":
+        if method.exact_als == "kronecker":
             return run_lokr(method, M, config, p0, steps=steps, tol=tol, window=window,
                             progress=progress, warm=warm)
-    raise ValueError(f"{method.name}: no exact ALS here (exact ALS: {', '.join(ALS)})")
+    raise ValueError(f"{method.name}: no exact ALS here (exact ALS: {', '.join(EXACT_ALS)})")

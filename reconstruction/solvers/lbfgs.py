@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .adam import BLOWUP
-from .common import Params, finish_step
+from .common import Params, finish_step, per_target_steps
 
 C1 = 1e-4
 HALVINGS = 30
@@ -56,7 +56,8 @@ def _autograd_vg(method, M: Tensor, w0, config, fixed: Params):
 def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, steps: int,
               tol: float = 1e-7, window: int | None = None, history: int = 10,
               progress: bool = False, value_and_grad=None):
-    """Returns (best params, per-iteration errors [(b,)...], iterations run, diverged (b,)),
+    """Returns (best params, per-iteration errors [(b,)...], iterations run per target (b,),
+    diverged (b,)),
     like ``adam.run_adam``. ``value_and_grad(params) -> ((b,), {name: gradient})`` over
     the trainable factors; default: autograd through ``method.delta``."""
     from tqdm.auto import tqdm
@@ -95,8 +96,10 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
     H[0] = e
     bar = tqdm(total=steps, disable=not progress, desc=f"lbfgs {method.name}", leave=False)
     k = 0
+    its = torch.zeros(b, dtype=torch.long, device=dev)
     ar = torch.arange(b, device=dev)
     for k in range(1, steps + 1):
+        its.masked_fill_(active, k)
         # two-loop recursion over the stored pairs, newest first (per target order)
         order = torch.argsort(age, dim=0, descending=True)  # (history, b)
         q = g.clone()
@@ -173,4 +176,4 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         if finish_step(bar, H, k, active, window, tol):
             break
     bar.close()
-    return {**unflat(x), **fixed}, list(H[: k + 1]), k, diverged
+    return {**unflat(x), **fixed}, list(H[: k + 1]), per_target_steps(its, k), diverged

@@ -9,18 +9,19 @@ from torch import Tensor
 
 from .common import Params, structure, svd_init
 
-#: methods with a closed-form best fit
-CLOSED_FORM = ("lora", "full")
+#: the closed forms (``Method.closed_form``) solved here; "core" and "shard" are in ``exact``
+CLOSED_FORMS = ("truncated_svd", "identity")
 
 
 def fit_svd(method, M: Tensor, w0: Tensor | None, config, params0: Params) -> Params:
     """The optimal factors of ``method`` for the targets M (b, m, n)."""
-    if method.name == "full":
-        return {"W": M.clone()}
-    if method.name == "lora":
+    if method.closed_form == "identity":  # ΔW = W: its one trainable factor is M itself
+        (name,) = [k for k in params0 if k not in method.frozen]
+        return {**params0, name: M.clone()}
+    if method.closed_form == "truncated_svd":
         st = structure(method, params0, w0, config)
         if st is None:
-            raise ValueError("lora: the factors do not have the form s·B A")
+            raise ValueError(f"{method.name}: the factors do not have the form s·B A")
         return svd_init(method, M, params0, st)
-    raise ValueError(f"{method.name}: no closed-form solver (the svd solver is for "
-                     f"{', '.join(CLOSED_FORM)})")
+    raise ValueError(f"{method.name}: no closed-form solver here (the svd solver is for "
+                     f"closed forms {', '.join(CLOSED_FORMS)})")

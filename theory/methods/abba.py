@@ -42,6 +42,7 @@ class ABBA(Method):
     citation = "Singhal et al., ABBA: Highly Expressive Hadamard Product Adaptation for LLMs, 2025"
     Config = AbbaConfig
     inits = ("paper", "gaussian", "kaiming")
+    product_terms = ((("B1", "A1"), ("B2", "A2")),)
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r1, min(m, n), "r1", m, n)

@@ -46,6 +46,8 @@ class AlphaLoRA(Method):
     Config = AlphaLoraConfig
     inits = ("paper", "gaussian")
     needs_w0 = True
+    lora_term = ("B", "A")
+    row_form = ("scaled_base", "alpha")
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)
@@ -82,6 +84,10 @@ class AlphaLoRA(Method):
         """The authors' code scales the whole pre-trained map, α ⊙ (W0 x + b), so in a
         layer with a bias the bias is scaled too (ΔW, a statement about W, is unchanged)."""
         return params["alpha"]
+
+    def embed_lora(self, params: Params, w0: Tensor, config: AlphaLoraConfig) -> Params:
+        """α = 1: then ΔW = s B A exactly."""
+        return {**params, "alpha": torch.ones_like(params["alpha"])}
 
     def n_params(self, m, n, config):
         return config.r * (m + n) + m

@@ -62,6 +62,8 @@ class DoRA(Method):
     inits = ("paper", "gaussian")
     needs_w0 = True
     peft_name = "dora"
+    lora_term = ("B", "A")
+    row_form = ("weight_norm", "magnitude")
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)
@@ -109,6 +111,13 @@ class DoRA(Method):
         c = mag / sq.clamp_min(0).sqrt()  # (..., m)
         y = x @ w0.mT + s * ((x @ A.mT) @ B.mT)  # (..., t, m) = x Vᵀ
         return y * c[..., None, :]
+
+    def embed_lora(self, params: Params, w0: Tensor, config: DoraConfig) -> Params:
+        """magnitude = ‖V‖_row, V = W0 + s B A (from the stored factors): then W' = V and
+        ΔW = s B A exactly (needs no row of V to vanish)."""
+        s = 1.0 if config is None else config.scale
+        V = w0.to(params["B"]) + s * (params["B"] @ params["A"])  # (..., m, n)
+        return {**params, "magnitude": torch.linalg.vector_norm(V, dim=-1).to(params["magnitude"])}
 
     def n_params(self, m, n, config):
         return config.r * (m + n) + m

@@ -24,6 +24,7 @@ class Full(Method):
     citation = "-"
     Config = FullConfig
     inits = ("paper", "gaussian")
+    closed_form = "identity"
 
     def init(self, w0: Tensor, config=None, generator=None, scheme="paper") -> Params:
         m, n = check_matrix(w0, "W0")

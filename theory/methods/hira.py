@@ -46,6 +46,8 @@ class HiRA(Method):
     inits = ("paper", "gaussian")
     needs_w0 = True
     peft_name = "hira"
+    product_terms = ((("B", "A"),),)
+    product_modulator = "w0"
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)

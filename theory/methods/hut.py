@@ -44,6 +44,9 @@ class HUT(Method):
     Config = HutConfig
     inits = ("paper", "gaussian")
     needs_w0 = True
+    product_terms = ((("B", "A"),),)  # ΔW = W0 ⊙ (B A) − W0
+    product_modulator = "w0"
+    product_offset = "w0"
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)

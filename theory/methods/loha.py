@@ -54,6 +54,7 @@ class LoHa(Method):
     Config = LohaConfig
     inits = ("paper", "gaussian")
     peft_name = "loha"
+    product_terms = ((("B1", "A1"), ("B2", "A2")),)
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)

@@ -122,6 +122,7 @@ class LoKr(Method):
     Config = LokrConfig
     inits = ("paper", "gaussian", "lycoris")
     peft_name = "lokr"
+    exact_als = "kronecker"
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, max(m, n), "r", m, n)

@@ -39,6 +39,8 @@ class LoRA(Method):
     Config = LoraConfig
     inits = ("paper", "gaussian", "pissa")
     peft_name = "lora"
+    product_terms = ((("B", "A"),),)
+    closed_form = "truncated_svd"
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)

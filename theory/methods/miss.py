@@ -67,6 +67,7 @@ class MiSS(Method):
     # "depends on the config", so it is False and delta() raises if bat gets no W0.
     needs_w0 = False
     peft_name = "miss"
+    closed_form = "shard"
 
     def validate(self, m, n, config):
         if config.mode not in MODES:

@@ -101,6 +101,7 @@ class PMSS(Method):
     inits = ("paper", "gaussian")
     needs_w0 = True
     frozen = ("C", "R", "U0")
+    closed_form = "core"
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)

@@ -127,6 +127,8 @@ class SMoA(Method):
     inits = ("paper", "gaussian")
     needs_w0 = True
     frozen = ("M",)
+    product_terms = ((("B_{k}", "A_{k}"),),)  # one term per mask M_k
+    product_modulator = "M"
 
     def validate(self, m, n, config):
         p = min(m, n)

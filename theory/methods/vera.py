@@ -60,6 +60,7 @@ class VeRA(Method):
     inits = ("paper", "gaussian")
     peft_name = "vera"
     frozen = ("A", "B")
+    exact_als = "scalings"
 
     def validate(self, m, n, config):
         check_rank(self.name, config.r, m * n, "r", m, n)
