@@ -57,6 +57,7 @@ import numpy as np
 
 import cli
 import theory
+from cli import executor
 from cli.main import first_line
 
 from . import analysis as AN
@@ -228,6 +229,30 @@ def execute(configs: Sequence[RunConfig], out: str | Path, *, progress: bool = F
     finally:
         bar.close()
     return [done[c.key] for c in configs if c.key in done]
+
+
+def executor_mapper(ex, out: str | Path) -> Callable:
+    """A ``mapper`` for :func:`execute` from a :mod:`cli.executor` executor: each run is
+    one task (on a Ray cluster, one task per run on whichever node has the CPUs/GPUs it
+    asks for), results come back as they finish, and a task that died after its retries
+    (a lost node, an out-of-memory kill) is recorded in the run's ``failed.json`` by the
+    driver and returned as failed, so the next invocation retries it. On a cluster
+    ``--out`` must be a folder every node sees (a shared file system): the runs write
+    their own folders there."""
+    from cli.executor import TaskFailed
+
+    def mapper(fn, todo):
+        for cfg, res in ex.map(fn, todo):
+            if isinstance(res, TaskFailed):
+                d = R.run_dir(Path(out), cfg)
+                d.mkdir(parents=True, exist_ok=True)
+                R.record_failure(d, cfg, res.reason)
+                res = {"key": cfg.key, "name": cfg.name, "dir": str(d), "method": cfg.method,
+                       "impl": cfg.impl, "seed": cfg.seed, "status": "failed",
+                       "reason": res.reason}
+            yield res
+
+    return mapper
 
 
 # --------------------------------------------------------------------------- #
@@ -643,6 +668,7 @@ def build_parser() -> cli.Parser:
     ap.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
     ap.add_argument("--threads", type=cli.positive_int, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")
+    executor.add_arguments(ap)
     return ap
 
 
@@ -751,15 +777,14 @@ def main(argv=None) -> int:
 
     def work():
         jobs = prepare_jobs(args)
+        ex = executor.from_args(args, device=args.device)  # checked before any run: exit 2
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
         progress = not args.no_progress and sys.stderr.isatty()
         failed: list[dict] = []
-        for job in jobs:
-            if not args.report_only:
-                results = execute(job.configs, args.out, progress=progress)
-                failed += [r for r in results if r["status"] == "failed"]
+
+        def report(job):
             comp = compare_rows(job.configs, args.out, k=args.k, fit=not args.no_fit,
                                 fit_solver=args.fit_solver, fit_steps=args.fit_steps,
                                 progress=progress)
@@ -773,6 +798,16 @@ def main(argv=None) -> int:
             paths = write_outputs(comp, stem, with_figure=not args.no_figure)
             print(format_table(comp))
             print(f"written: {', '.join(str(p) for p in paths)}\n")
+
+        if args.executor == "ray" and not args.report_only:
+            print(ex.describe(), file=sys.stderr)
+        with ex:
+            for job in jobs:
+                if not args.report_only:
+                    results = execute(job.configs, args.out, progress=progress,
+                                      mapper=executor_mapper(ex, args.out))
+                    failed += [r for r in results if r["status"] == "failed"]
+                report(job)
         if failed:
             names = ", ".join(f"{r['name']} ({r['reason']})" for r in failed[:3])
             more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""

@@ -326,3 +326,51 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     f.write_text("x")
     code, _, err = _main([*FAST, "--out", str(f)], capsys)
     assert code == 2 and "is a file" in err
+
+
+def test_the_same_comparison_through_ray_gives_the_same_runs_as_locally(tmp_path, capsys):
+    """``--executor ray``: one Ray task per run, the driver collects; every run's metric
+    and loss curve equal the local ones (seeded), and a second call reuses them all."""
+    pytest.importorskip("ray")
+    from cli import executor as X
+
+    X.local_ray(num_cpus=2, num_gpus=1)  # the session's instance (tests/test_executor.py)
+    argv = [*FAST, "--seeds", "2", "--threads", "1"]
+    code, _, err = _main([*argv, "--out", str(tmp_path / "local")], capsys)
+    assert code == 0, err
+    code, _, err = _main([*argv, "--out", str(tmp_path / "ray"), "--executor", "ray"], capsys)
+    assert code == 0, err
+    assert "executor: ray" in err
+
+    def records(root):
+        return {p.parent.name: json.loads(p.read_text())
+                for p in (root / "mlp" / "digits").glob("*/run.json")}
+
+    local, ray_ = records(tmp_path / "local"), records(tmp_path / "ray")
+    assert len(local) == 6 and local.keys() == ray_.keys()
+    for name, rec in local.items():
+        assert ray_[name]["metric"] == rec["metric"], name
+        assert ray_[name]["losses"] == rec["losses"], name
+    code, _, err = _main([*argv, "--out", str(tmp_path / "ray"), "--executor", "ray"], capsys)
+    assert code == 0 and records(tmp_path / "ray") == ray_
+
+
+def test_a_run_whose_ray_task_died_is_recorded_failed_and_retried(tmp_path):
+    """A task lost after its retries (a dead worker) becomes the run's failed.json,
+    written by the driver, and the run is not finished: the next call retries it."""
+    from cli.executor import TaskFailed
+
+    cfg = RunConfig(model="mlp", task="digits", method="lora", rank=2, steps=2)
+
+    class Dead:
+        def map(self, fn, tasks):
+            for t in tasks:
+                yield t, TaskFailed("WorkerCrashedError: the worker died")
+
+    res = C.execute([cfg], tmp_path, mapper=C.executor_mapper(Dead(), tmp_path))
+    assert res[0]["status"] == "failed" and "worker died" in res[0]["reason"]
+    d = R.run_dir(tmp_path, cfg)
+    assert "worker died" in json.loads((d / "failed.json").read_text())["reason"]
+    assert not R.is_finished(d)
+    res = C.execute([cfg], tmp_path)
+    assert res[0]["status"] == "trained" and R.is_finished(d)
