@@ -22,7 +22,9 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
@@ -54,6 +56,26 @@ def _out_of_memory() -> tuple[type[BaseException], ...]:
         return (MemoryError,)
 
 
+def _interrupted_while_starting(signum, frame):  # noqa: ARG001 - a signal handler
+    try:
+        sys.stderr.write("interrupted: while starting, before any work: nothing was done\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_INTERRUPT)
+
+
+def guard_startup() -> None:
+    """Ctrl-C while a command is still importing (torch, transformers: seconds) prints one
+    line and exits 130 instead of an import traceback. Called first thing by every
+    package's ``__init__``; acts only for ``python -m <command>`` (``sys.argv[0] == "-m"``
+    while the package imports) in the main thread with Python's own Ctrl-C handler in
+    place, so importing the toolkit in Jupyter or a test changes nothing. :func:`run` puts
+    Python's handler back when the work starts."""
+    if (sys.argv[:1] == ["-m"] and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
 def run(work: Callable[[], int | None], *, interrupted: str = "nothing was saved",
         stderr=None) -> int:
     """Call ``work()`` and turn its outcome into an exit status (module docstring).
@@ -61,6 +83,8 @@ def run(work: Callable[[], int | None], *, interrupted: str = "nothing was saved
     ``interrupted``: what the user should know after Ctrl-C (what was saved, how to resume).
     ``work`` may return an int status (None means 0)."""
     err = stderr or sys.stderr
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status = work()
         return EXIT_OK if status is None else int(status)

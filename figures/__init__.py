@@ -7,3 +7,6 @@ PDF with :func:`figures.save.save` (atomic writes). It calls only public functio
 ``theory``, ``reconstruction``, ``rmt`` and ``finetune``; every plotted line carries a
 ``gid`` naming what it is (``"theory β=0.5"``), so a test finds it without guessing.
 """
+
+import cli  # noqa: I001 - first: Ctrl-C during the imports below is one line (cli.guard_startup)
+cli.guard_startup()

@@ -10,3 +10,6 @@
 
 Nothing here downloads at run time; submodules import torch/transformers lazily.
 """
+
+import cli  # noqa: I001 - first: Ctrl-C during the imports below is one line (cli.guard_startup)
+cli.guard_startup()

@@ -13,6 +13,9 @@ stand-ins. ``fit``: the solvers (svd, als, adam) behind one function.
 CLI: ``python -m reconstruction.run``.
 """
 
+import cli  # noqa: I001 - first: Ctrl-C during the imports below is one line (cli.guard_startup)
+cli.guard_startup()
+
 import os
 
 # OpenMP threads that wait for work sleep instead of spinning: on a machine shared with

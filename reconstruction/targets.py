@@ -182,8 +182,10 @@ def _read(path: Path) -> dict[str, Tensor] | Tensor:
         if suf == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-    except ValueError:
-        raise
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"cannot read target file {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - unreadable / corrupt file
         raise ValueError(f"cannot read target file {path}: {type(e).__name__}: {e}") from None
     raise ValueError(f"target file {path}: unsupported suffix {suf!r} "

@@ -1,7 +1,10 @@
 """α-LoRA in random-matrix theory (DESIGN §5): deterministic equivalents
 (:mod:`rmt.theory`, numpy) and a batched Monte Carlo of the same setting
-(:mod:`rmt.simulate`, torch). Stands alone: imports nothing from the other packages.
+(:mod:`rmt.simulate`, torch). Of the other packages it imports only :mod:`cli`.
 """
+
+import cli  # noqa: I001 - first: Ctrl-C during the imports below is one line (cli.guard_startup)
+cli.guard_startup()
 
 from rmt.theory import (  # noqa: F401
     Setting,

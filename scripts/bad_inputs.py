@@ -41,7 +41,7 @@ CASES: list[tuple[str, list[str]]] = [
     (R, ["--rank", "nan"]), (R, ["--target", MISSING]), (R, ["--target", str(NAN_TARGET)]),
     (R, ["--target", str(TEXT)]), (R, ["--size", "100000000"]), (R, ["--batch", "0"]),
     (R, ["--solver", "newton"]), (R, ["--method", "hut", "--solver", "svd"]),
-    (R, ["--set", "alpha=nan"]), (R, ["--set", "nosuch=1"]), (R, ["--r1", "4", "--set", "r1=4"]),
+    (R, ["--set", "alpha=nan"]), (R, ["--set", "nosuch=1"]), (R, ["--r1", "4", "--set", "r1=2"]),
     (R, ["--w0", MISSING]), (R, ["--device", "tpu"]), (R, ["--device", "cuda"]),
     (R, ["--json", str(RO / "x.json")]), (R, ["--out", str(RO / "sub")]),
     (R, ["--init", "foo"]), (R, ["--steps", "0"]),

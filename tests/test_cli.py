@@ -168,3 +168,25 @@ def test_thread_check():
     for bad in (0, -1, 10**6):
         with pytest.raises(ValueError, match="--threads"):
             cli.check_threads(bad)
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
+def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(delay):
+    """SIGINT at any moment of ``python -m reconstruction.run``'s start (the imports of
+    torch and the registry take seconds) or of its (endless) work: one ``interrupted:``
+    line, exit 130, never an import traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "reconstruction.run", "--size", "64",
+                          "--method", "abba", "--solver", "adam", "--steps", "10000000"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 130, err
+    assert len(lines) == 1 and lines[0].startswith("interrupted: "), err

@@ -7,6 +7,9 @@
 (AbbaConfig(r1=8, r2=8, alpha=None), 32000, 64)
 """
 
+import cli  # noqa: I001 - first: Ctrl-C during the imports below is one line (cli.guard_startup)
+cli.guard_startup()
+
 from .base import Config, Method, lora_budget
 from .registry import available, get_method, register
 
