@@ -56,7 +56,7 @@ def _out_of_memory() -> tuple[type[BaseException], ...]:
         return (MemoryError,)
 
 
-def _interrupted_while_starting(signum, frame):  # noqa: ARG001 - a signal handler
+def _interrupted_while_starting(signum, frame):
     try:
         sys.stderr.write("interrupted: while starting, before any work: nothing was done\n")
         sys.stderr.flush()

@@ -188,6 +188,7 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, capsys, monkeypat
     (["--steps", "0"], ">= 1"),
     (["--device", "tpu"], "--device"),
     (["--json", "/proc/x/y.json"], "cannot write"),
+    (["--batch", "100000000"], "lower --batch"),  # refused, not killed by the OOM killer
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, words, tmp_path, capsys):
     code, out, err = _main(["--out", str(tmp_path), "--no-progress", *argv], capsys)
