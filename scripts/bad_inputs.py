@@ -7,7 +7,9 @@ refusing is stopped after ``--limit`` seconds and shows up as ``ran``.
     python scripts/bad_inputs.py                 # the markdown table on stdout
     python scripts/bad_inputs.py --only finetune # the commands whose module starts so
 
-Exit status 1 when any row is not "exit 2 (130 for Ctrl-C), one line, no traceback".
+Rules that need finished runs (an unknown ``--how`` on real runs, K above the pooled
+rank, runs of different models) are in ``tests/test_merge.py``; here the first bad value
+a command meets is the one it names. Exit status 1 when any row is not "exit 2 (130 for Ctrl-C), one line, no traceback".
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("finetune.bench", ["--methods", "nosuch"]), ("finetune.bench", ["--reps", "0"]),
     ("finetune.bench", ["--json", str(RO / "x.json")]),
     ("finetune.merge", ["--runs", MISSING]), ("finetune.merge", ["--runs", str(TMP)]),
-    ("finetune.merge", ["--how", "average"]), ("finetune.merge", ["--density", "1.5"]),
-    ("finetune.merge", ["--rank", "0"]),
+    ("finetune.merge", ["--runs", MISSING, "--how", "average"]),
+    ("finetune.merge", ["--density", "1.5"]), ("finetune.merge", ["--runs", MISSING, "--rank", "0"]),
     ("finetune.sharpness", [MISSING]), ("finetune.sharpness", [str(TMP), "--radius", "-1"]),
     ("finetune.sharpness", [str(TMP), "--iters", "0"]),
     ("finetune.optim.timing", ["--rules", "adamw,newton"]),
