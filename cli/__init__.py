@@ -21,8 +21,8 @@ an error that stopped the run, 130 interrupted (what was saved is said).
 
 from .checks import (check_device, check_memory, check_threads, check_writable_dir,
                      check_writable_file, format_bytes)
-from .files import (append_jsonl, atomic_path, atomic_write, csv_text, dumps, read_jsonl,
-                    to_jsonable, write_csv, write_json)
+from .files import (append_jsonl, atomic_path, atomic_write, csv_text, dumps, emit_json,
+                    read_jsonl, to_jsonable, write_csv, write_json)
 from .main import (EXIT_FAILED, EXIT_INTERRUPT, EXIT_OK, EXIT_USAGE, Failed, UsageError,
                    guard_startup, run)
 from .parser import (Parser, finite_float, int_list, nonneg_float, nonneg_int, positive_float,
@@ -31,7 +31,7 @@ from .parser import (Parser, finite_float, int_list, nonneg_float, nonneg_int, p
 __all__ = [
     "EXIT_FAILED", "EXIT_INTERRUPT", "EXIT_OK", "EXIT_USAGE", "Failed", "Parser", "UsageError",
     "append_jsonl", "atomic_path", "atomic_write", "check_device", "check_memory",
-    "check_threads", "check_writable_dir", "check_writable_file", "csv_text", "dumps",
+    "check_threads", "check_writable_dir", "check_writable_file", "csv_text", "dumps", "emit_json",
     "finite_float", "format_bytes", "guard_startup", "int_list", "nonneg_float", "nonneg_int", "positive_float",
     "positive_int", "probability", "read_jsonl", "run", "str_list", "to_jsonable", "write_csv", "write_json",
 ]

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -96,6 +97,19 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as strict, indented JSON with a trailing newline."""
     return atomic_write(path, dumps(obj) + "\n")
+
+
+def emit_json(path: str | os.PathLike | None, obj: Any) -> bool:
+    """The ``--json PATH`` convention of every command: ``-`` prints ``obj`` to stdout
+    (and the caller prints nothing else: True), a path is written atomically (False), None
+    writes nothing (False)."""
+    if path is None or str(path) == "":
+        return False
+    if str(path) == "-":
+        sys.stdout.write(dumps(obj) + "\n")
+        return True
+    write_json(path, obj)
+    return False
 
 
 def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:

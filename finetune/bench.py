@@ -292,12 +292,8 @@ def main(argv=None) -> int:
                         reps=args.reps, steps=args.steps, dense=dense, device=device,
                         targets=args.targets,
                         progress=not args.no_progress and sys.stderr.isatty())
-        if args.json == "-":
-            sys.stdout.write(cli.dumps(res) + "\n")
-            return
-        if args.json:
-            cli.write_json(args.json, res)
-        print(format_report(res))
+        if not cli.emit_json(args.json, res):
+            print(format_report(res))
 
     return cli.run(work, interrupted="nothing was saved (the bench writes at its end)")
 

@@ -366,11 +366,7 @@ def main(argv=None) -> int:
                             args.out / f"merged-{name.replace('@', '-k')}.safetensors",
                             metadata={"merge": name, "runs": " ".join(res["runs"])})
             cli.write_json(args.out / "merge.json", res)
-        if args.json and args.json != "-":
-            cli.write_json(args.json, res)
-        if args.json == "-":
-            sys.stdout.write(cli.dumps(res) + "\n")
-        else:
+        if not cli.emit_json(args.json, res):
             print(f"{len(args.runs)} LoRAs of {res['model']} ({', '.join(res['tasks'])}), pooled "
                   f"rank {res['pooled_rank']}; errors: mean over {len(res['merges'][0]['layers'])}"
                   f" layers of ‖M − S‖/‖S‖, S = the summed update")

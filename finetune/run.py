@@ -198,10 +198,7 @@ def _interrupted(state):
 
 
 def _report(args, rec: dict, d: Path, cached: bool) -> None:
-    if args.json and args.json != "-":
-        cli.write_json(args.json, rec)
-    if args.json == "-":
-        sys.stdout.write(cli.dumps(rec) + "\n")
+    if cli.emit_json(args.json, rec):
         return
     if cached:
         print(f"finished run found (not recomputed; --force retrains): {d}")

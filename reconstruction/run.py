@@ -410,11 +410,8 @@ def report(args, rows, meta, notes) -> None:
     """Write the files, then print the table (or the JSON to stdout)."""
     if args.out:
         rio.write_results(args.out, rows, meta)
-    if args.json == "-":
-        sys.stdout.write(rio.dumps({"meta": meta, "rows": rows}) + "\n")
+    if cli.emit_json(args.json, {"meta": meta, "rows": rows}):
         return
-    if args.json:
-        rio.write_json(args.json, {"meta": meta, "rows": rows})
     m, n = meta["shape"]
     print(f"target: {meta['target']}  {m}×{n}  batch {meta['batch']}  seed {meta['seed']}  "
           f"{meta['dtype']} on {meta['device']}")

@@ -119,12 +119,8 @@ def main(argv=None) -> int:
             r = bench(args.trials, args.device, args.p, args.repeat, args.sampler)
         finally:
             torch.set_num_threads(prev)
-        if args.json == "-":
-            print(cli.dumps(r))
-            return
-        if args.json:
-            cli.write_json(args.json, r)
-        print(report(r))
+        if not cli.emit_json(args.json, r):
+            print(report(r))
 
     return cli.run(work, interrupted="nothing was saved (a benchmark keeps no partial result)")
 

@@ -226,12 +226,8 @@ def main(argv=None) -> int:
     def work():
         s, alpha = check(args)
         res = compute(args, s, alpha)
-        if args.json == "-":
-            print(cli.dumps(res))
-            return
-        print(format_table(res))
-        if args.json:
-            cli.write_json(args.json, res)
+        if not cli.emit_json(args.json, res):
+            print(format_table(res))
 
     return cli.run(work, interrupted="nothing was saved")
 

@@ -212,3 +212,14 @@ def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(delay):
     # seen once on a loaded machine after the one line was printed
     assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)
     assert len(lines) == 1 and lines[0].startswith("interrupted: "), err
+
+
+def test_emit_json_prints_for_dash_writes_a_path_and_skips_none(tmp_path, capsys):
+    """``--json -``: the JSON alone on stdout (True: print nothing else); a path: strict
+    JSON written there (NaN as null), nothing printed; None: nothing at all."""
+    assert cli.emit_json("-", {"a": math.nan}) is True
+    assert json.loads(capsys.readouterr().out) == {"a": None}
+    p = tmp_path / "r.json"
+    assert cli.emit_json(p, {"a": 1}) is False and json.loads(p.read_text()) == {"a": 1}
+    assert cli.emit_json(None, {"a": 1}) is False
+    assert capsys.readouterr().out == ""
