@@ -16,14 +16,6 @@ CLI: ``python -m reconstruction.run``.
 import cli  # noqa: I001 - first: Ctrl-C during the imports below is one line (cli.guard_startup)
 cli.guard_startup()
 
-import os
-
-# OpenMP threads that wait for work sleep instead of spinning: on a machine shared with
-# other jobs, spinning threads slowed the solvers' many small ops by 4-6x (a 400×400 HiRA
-# ALS: 49 s spinning, 8 s sleeping, 11.6 s on one thread, measured in one session with
-# the load at 7 on 2 cores). Read once, when torch loads; a value already set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from .fit import FitResult, auto_solver, lora_optimum, relative_error, solvers_for
 
 # ``fit`` the function is not re-exported: ``reconstruction.fit`` stays the module

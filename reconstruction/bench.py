@@ -28,6 +28,11 @@ all measured in one run on one device (``--quick`` shrinks every size).
     (``--preset abba-fig2`` shrunk), batched (cells sharing method, configuration and
     shape in one solver call, repeated configurations one fit) against cell by cell,
     into two temporary folders, in this process; and that both give the same errors.
+(f) stopping rule: one Figure 2 batch per iterative family (HiRA, HUT, SMoA: ALS; DoRA,
+    α-LoRA: Adam; VeRA: exact ALS), the four targets at 1000×1000 and the budget of
+    rank-72 LoRA, fitted with every iteration run (``tol=1e-7``, the old default) and with
+    the default rule (``fit.STOP``), in this process: time ratio, iterations, and the
+    largest error change (the grid is held to 0.002).
 """
 
 from __future__ import annotations
@@ -392,22 +397,57 @@ def bench_sweep(size: int, ranks: list[int], device: str, dtype, steps: int | No
             "failed": len(one["errors"]) + len(bat["errors"])}
 
 
+STOP_FAMILIES = ("hira", "hut", "smoa", "dora", "alpha_lora", "vera")
+
+
+def bench_stopping(size: int, rank: int, device: str, dtype,
+                   methods: tuple[str, ...] = STOP_FAMILIES) -> dict:
+    """(f) every iteration (tol 1e-7) against the default stopping rule, per family, on the
+    four Figure 2 targets with their W0 stand-ins (seed 0)."""
+    from . import cells as C
+    from .run import config_for
+
+    name = {torch.float32: "float32", torch.float64: "float64"}[dtype]
+    got = [C._target(t, size, size, 1, 0, name, device, "gaussian")
+           for t in ("orthogonal", "lowrank", "sparse", "random")]
+    M = torch.cat([g[0].M for g in got])  # (4, size, size)
+    w0 = torch.cat([g[1] for g in got])
+    rows = []
+    for meth in methods:
+        cfg = config_for(theory.get_method(meth), size, size, rank, "equal")[0]
+        row = {"method": meth, "config": str(cfg)}
+        for tag, tol in (("all", 1e-7), ("rule", None)):
+            _sync(device)
+            t = time.perf_counter()
+            res = F.fit(meth, M, cfg, w0=w0, seed=[0] * 4, dtype=dtype, device=device, tol=tol)
+            _sync(device)
+            row[tag] = {"seconds": time.perf_counter() - t, "solver": res.solver,
+                        "steps": res.steps_per_target.tolist(), "errors": res.rel_error.tolist()}
+        row["ratio"] = row["all"]["seconds"] / max(row["rule"]["seconds"], 1e-12)
+        row["max_error_change"] = max(a - b for a, b in zip(row["rule"]["errors"], row["all"]["errors"]))
+        rows.append(row)
+    return {"bench": "stopping", "size": size, "rank": rank, "rows": rows}
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
 SIZES = {
     # (a) size, batch, steps; (b) size, {solver: step counts}; (c) size, ALS, Adam steps;
-    # (d) size, token counts; (e) size, ranks, iterations (None: the sweep's defaults)
+    # (d) size, token counts; (e) size, ranks, iterations (None: the sweep's defaults);
+    # (f) size, LoRA-rank budget
     "full": dict(a=(256, 64, {"als": 20, "adam": 200}),
                  b=(1024, {"als": (), "adam": (20, 220)}),
                  c=(256, 60, 3000, 300),
                  d=(4096, [1, 8, 64, 512, 4096]),
-                 e=(256, [8, 16], None)),
+                 e=(256, [8, 16], None),
+                 f=(1000, 72)),
     "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
                   b=(192, {"als": (), "adam": (10, 110)}),
                   c=(64, 30, 1500, 150),
                   d=(512, [1, 64, 512]),
-                  e=(40, [3, 6], 40)),
+                  e=(40, [3, 6], 40),
+                  f=(48, 6)),
 }
 
 
@@ -466,6 +506,15 @@ def report(results: list[dict]) -> str:
                 f"batches), cell by cell {r['cell_by_cell_per_min']:.1f} cells/min "
                 f"({r['cell_by_cell_s']:.1f}s) -> ratio {r['ratio']:.2f}× (max error gap "
                 f"{r['max_error_gap']:.1e}, {r['failed']} failed)")
+        elif r["bench"] == "stopping":
+            lines.append(f"(f) stopping rule, one batch per family ({r['size']}×{r['size']}, 4 targets, "
+                         f"rank-{r['rank']} budget): every iteration vs the default rule")
+            for x in r["rows"]:
+                a, b = x["all"], x["rule"]
+                lines.append(
+                    f"    {x['method']:<10} {a['solver']:<5} {a['seconds']:7.1f}s -> {b['seconds']:7.1f}s "
+                    f"({x['ratio']:.2f}×), iterations {min(a['steps'])}-{max(a['steps'])} -> "
+                    f"{min(b['steps'])}-{max(b['steps'])}, largest error change {x['max_error_change']:+.5f}")
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")
@@ -484,7 +533,9 @@ def report(results: list[dict]) -> str:
 def build_parser() -> cli.Parser:
     ap = cli.Parser(prog="python -m reconstruction.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    ap.add_argument("--only", default="abcde", help="which benchmarks, e.g. 'ae' (default abcde)")
+    ap.add_argument("--only", default="abcde",
+                    help="which benchmarks, e.g. 'ae' (default abcde; f, the stopping rule at "
+                         "1000×1000, about half an hour on 2 cores, only when asked)")
     ap.add_argument("--solver", choices=("als", "adam", "both"), default="both",
                     help="solver(s) for (a) (default both)")
     ap.add_argument("--device", default="cpu")
@@ -500,9 +551,9 @@ def main(argv=None) -> int:
     def work():
         device = cli.check_device(args.device)
         dtype = DTYPES[args.dtype]
-        bad = set(args.only) - set("abcde")
+        bad = set(args.only) - set("abcdef")
         if bad or not args.only:
-            raise ValueError(f"--only takes letters from 'abcde', got {args.only!r}")
+            raise ValueError(f"--only takes letters from 'abcdef', got {args.only!r}")
         cli.check_writable_file(args.json, "--json")
         S = SIZES["quick" if args.quick else "full"]
         smallest = min(v[0] for k, v in S.items() if k in args.only)
@@ -526,8 +577,9 @@ def main(argv=None) -> int:
                                            dtype, lbfgs_steps=S["c"][3]),
             "d": lambda: bench_forward(S["d"][0], S["d"][1], args.rank, device, dtype),
             "e": lambda: bench_sweep(S["e"][0], S["e"][1], device, dtype, steps=S["e"][2]),
+            "f": lambda: bench_stopping(S["f"][0], S["f"][1], device, dtype),
         }
-        for k in "abcde":
+        for k in "abcdef":
             if k in args.only:
                 got = todo[k]()
                 got = got if isinstance(got, list) else [got]

@@ -223,3 +223,21 @@ def test_emit_json_prints_for_dash_writes_a_path_and_skips_none(tmp_path, capsys
     assert cli.emit_json(p, {"a": 1}) is False and json.loads(p.read_text()) == {"a": 1}
     assert cli.emit_json(None, {"a": 1}) is False
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("package", ["theory", "reconstruction", "finetune", "rmt", "figures"])
+def test_every_package_makes_openmp_threads_sleep_before_torch_loads(package):
+    """Spinning OpenMP threads made fits several times slower on a shared machine: every
+    package sets OMP_WAIT_POLICY=PASSIVE (unless already set) before torch is imported."""
+    import subprocess
+
+    code = ("import os, sys, cli; print('torch' in sys.modules); "
+            f"import {package}; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, check=True).stdout.split()
+    assert out[0] == "False" and out[1] == "PASSIVE"
+    kept = subprocess.run([sys.executable, "-c", f"import os, {package}; print(os.environ['OMP_WAIT_POLICY'])"],
+                          capture_output=True, text=True, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                          timeout=300, check=True).stdout.strip()
+    assert kept == "ACTIVE"
