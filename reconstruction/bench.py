@@ -29,7 +29,7 @@ all measured in one run on one device (``--quick`` shrinks every size).
     shape in one solver call, repeated configurations one fit) against cell by cell,
     into two temporary folders, in this process; and that both give the same errors.
 (f) stopping rule: one Figure 2 batch per iterative family (HiRA, HUT, SMoA: ALS; DoRA,
-    α-LoRA: Adam; VeRA: exact ALS), the four targets at 1000×1000 and the budget of
+    α-LoRA: Adam; VeRA, LoKr: exact ALS), the four targets at 1000×1000 and the budget of
     rank-72 LoRA, fitted with every iteration run (``tol=1e-7``, the old default) and with
     the default rule (``fit.STOP``), in this process: time ratio, iterations, and the
     largest error change (the grid is held to 0.002).
@@ -397,7 +397,7 @@ def bench_sweep(size: int, ranks: list[int], device: str, dtype, steps: int | No
             "failed": len(one["errors"]) + len(bat["errors"])}
 
 
-STOP_FAMILIES = ("hira", "hut", "smoa", "dora", "alpha_lora", "vera")
+STOP_FAMILIES = ("hira", "hut", "smoa", "dora", "alpha_lora", "vera", "lokr")
 
 
 def bench_stopping(size: int, rank: int, device: str, dtype,

@@ -288,16 +288,16 @@ def test_live_bytes_mode_counts_peak_of_live_tensors():
 
 
 def test_bench_f_times_every_iteration_against_the_stopping_rule_on_the_same_targets(tmp_path):
-    """(f), only when asked: per family, the default rule runs no more iterations than the
-    full run on any target, and ends within 0.005 of its error (at 48×48; 0.0005 at
-    Figure 2's size)."""
+    """(f), only when asked: per family, the default rule ends within 0.005 of the error
+    of every iteration run (at 48×48; 0.0005 at Figure 2's size), in fewer iterations over
+    all (a fit that stands still early can run a few more: the rule's window is 10
+    sweeps, the old one's 5)."""
     p = cli("--quick", "--only", "f", "--json", str(tmp_path / "f.json"),
             module="reconstruction.bench", timeout=400)
     assert p.returncode == 0, p.stderr
     assert "(f) stopping rule" in p.stdout
     (res,) = json.loads((tmp_path / "f.json").read_text())["results"]
-    assert [r["method"] for r in res["rows"]] == ["hira", "hut", "smoa", "dora", "alpha_lora", "vera"]
+    assert [r["method"] for r in res["rows"]] == ["hira", "hut", "smoa", "dora", "alpha_lora", "vera", "lokr"]
     for r in res["rows"]:
-        assert all(b <= a for a, b in zip(r["all"]["steps"], r["rule"]["steps"])), r["method"]
-        assert sum(r["rule"]["steps"]) < sum(r["all"]["steps"]), r["method"]
         assert r["max_error_change"] <= 5e-3, r["method"]
+    assert sum(sum(r["rule"]["steps"]) for r in res["rows"]) < 0.8 * sum(sum(r["all"]["steps"]) for r in res["rows"])
