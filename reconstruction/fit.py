@@ -112,9 +112,10 @@ ADAM_LR = 1e-2
 #: stopping when its error improved by less than tol (relative) over window iterations
 #: (window None: the solver's own, Adam max(50, steps/20), L-BFGS 10). Calibrated on the
 #: recorded error curves of Figure 2's fits (1000×1000, its four targets, r = 40 and 72;
-#: README, "Sweeps at scale"): ALS (HiRA, HUT, SMoA, VeRA) then stops after 45-80% of its
-#: 200 sweeps and Adam (DoRA, α-LoRA) after 20-50% of its 2000 steps, each within 0.001
-#: of the error of the full run (smaller problems stop earlier, within 0.002: a test);
+#: README, "Sweeps at scale"): ALS (HiRA, HUT; SMoA barely) stops after 60-100% of its
+#: 200 sweeps, the exact ALS of VeRA and LoKr earlier, and Adam (DoRA, α-LoRA) after
+#: 6-60% of its 2000 steps, each within 0.0005 of the error of the full run at r = 72
+#: (smaller problems stop earlier and further off: within 0.002 at 96×80, a test);
 #: L-BFGS (ABBA, LoHa), still gaining 0.001 in its last quarter, runs its iterations out
 #: (tol 1e-7). ``tol=0`` stops only where the error stands still.
 STOP = {"als": (1e-4, 10), "adam": (1e-4, None), "lbfgs": (1e-7, None)}
