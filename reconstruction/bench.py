@@ -51,6 +51,7 @@ import theory
 from reconstruction import fit as F
 
 from . import io as rio
+from .solvers import adam as _adam
 from .run import DTYPES
 
 
@@ -403,7 +404,8 @@ STOP_FAMILIES = ("hira", "hut", "smoa", "dora", "alpha_lora", "vera", "lokr")
 def bench_stopping(size: int, rank: int, device: str, dtype,
                    methods: tuple[str, ...] = STOP_FAMILIES) -> dict:
     """(f) every iteration (tol 1e-7) against the default stopping rule, per family, on the
-    four Figure 2 targets with their W0 stand-ins (seed 0)."""
+    four Figure 2 targets with their W0 stand-ins (seed 0); for the Adam families also
+    the rule with the stopped targets kept in the batch (``solvers.adam.COMPACT``)."""
     from . import cells as C
     from .run import config_for
 
@@ -416,14 +418,23 @@ def bench_stopping(size: int, rank: int, device: str, dtype,
     for meth in methods:
         cfg = config_for(theory.get_method(meth), size, size, rank, "equal")[0]
         row = {"method": meth, "config": str(cfg)}
-        for tag, tol in (("all", 1e-7), ("rule", None)):
+        modes = [("all", 1e-7, True), ("rule", None, True)]
+        if F.auto_solver(meth, cfg, size, size) == "adam":  # stopped targets kept in the batch
+            modes.insert(1, ("rule, uncut", None, False))
+        for tag, tol, cut in modes:
             _sync(device)
             t = time.perf_counter()
-            res = F.fit(meth, M, cfg, w0=w0, seed=[0] * 4, dtype=dtype, device=device, tol=tol)
+            was, _adam.COMPACT = _adam.COMPACT, cut
+            try:
+                res = F.fit(meth, M, cfg, w0=w0, seed=[0] * 4, dtype=dtype, device=device, tol=tol)
+            finally:
+                _adam.COMPACT = was
             _sync(device)
             row[tag] = {"seconds": time.perf_counter() - t, "solver": res.solver,
                         "steps": res.steps_per_target.tolist(), "errors": res.rel_error.tolist()}
         row["ratio"] = row["all"]["seconds"] / max(row["rule"]["seconds"], 1e-12)
+        if "rule, uncut" in row:
+            row["cut_ratio"] = row["rule, uncut"]["seconds"] / max(row["rule"]["seconds"], 1e-12)
         row["max_error_change"] = max(a - b for a, b in zip(row["rule"]["errors"], row["all"]["errors"]))
         rows.append(row)
     return {"bench": "stopping", "size": size, "rank": rank, "rows": rows}
@@ -515,6 +526,11 @@ def report(results: list[dict]) -> str:
                     f"    {x['method']:<10} {a['solver']:<5} {a['seconds']:7.1f}s -> {b['seconds']:7.1f}s "
                     f"({x['ratio']:.2f}×), iterations {min(a['steps'])}-{max(a['steps'])} -> "
                     f"{min(b['steps'])}-{max(b['steps'])}, largest error change {x['max_error_change']:+.5f}")
+                if "cut_ratio" in x:
+                    u = x["rule, uncut"]
+                    lines.append(f"    {'':<10} {'':<5} stopped targets kept in the batch {u['seconds']:7.1f}s, "
+                                 f"cut out {b['seconds']:7.1f}s ({x['cut_ratio']:.2f}×; errors differ by "
+                                 f"{max(abs(p - q) for p, q in zip(u['errors'], b['errors'])):.1e})")
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")

@@ -421,7 +421,10 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
             p, hist, k, div = run_adam(meth, Mt, w0, config, p0, steps=nsteps,
                                        lr=ADAM_LR if lr is None else float(lr), schedule=schedule,
                                        tol=tol, window=window, progress=progress,
-                                       value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0))
+                                       value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0),
+                                       value_and_grad_for=lambda rows: _kr_value_and_grad(
+                                           meth, Mt.index_select(0, rows), w0.index_select(0, rows),
+                                           config, {k: v.index_select(0, rows) for k, v in p0.items()}))
         return p, hist, k, div
 
     for scheme, off in starts:

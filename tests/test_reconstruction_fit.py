@@ -5,6 +5,7 @@ update, divergence is caught."""
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -336,3 +337,58 @@ def test_default_stopping_rule_saves_iterations_and_stays_within_2e3_of_running_
     assert quick.solver == full.solver
     assert int(quick.steps_per_target.sum()) < 0.8 * int(full.steps_per_target.sum())
     assert float((quick.rel_error - full.rel_error).max()) <= 2e-3
+
+
+@pytest.mark.parametrize("name", ["dora", "lora"])
+def test_stopped_targets_leave_the_adam_batch_and_the_others_keep_their_numbers(name):
+    """With the stopping rule, a target that stops is cut out of Adam's batch (targets,
+    W0, factors, moments): the running targets' factors, errors and step counts are
+    bit for bit those of the uncut batch (float64), and the evaluations after a stop
+    carry fewer targets. DoRA through its hand-written gradient, LoRA through autograd."""
+    from reconstruction.solvers import adam, rowscale
+    from reconstruction.solvers.common import initial_params
+
+    meth = theory.get_method(name)
+    m, n = 100, 96
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(4, m, n, generator=g, dtype=torch.float64)
+    M[1] = M[1][:, :4] @ M[1][:4]  # easy targets stop early, the others run on
+    M[2] = M[2][:, :2] @ M[2][:2]
+    w0 = torch.randn(4, m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    config = meth.config_for_rank(m, n, 6)
+    p0 = initial_params(meth, M, w0, config, 0, meth.inits[0])
+    sizes: list[int] = []
+
+    def vag_for(rows):
+        fn = rowscale.value_and_grad(meth, M.index_select(0, rows), w0.index_select(0, rows), config)
+        if fn is None:
+            return None
+
+        def counted(p):
+            sizes.append(p["B"].shape[0])
+            return fn(p)
+        return counted
+
+    runs = {}
+    for cut in (True, False):
+        sizes.clear()
+        vag = vag_for(torch.arange(4))
+
+        def delta(p, w, c):  # autograd: count the batch of every ΔW formed
+            sizes.append(p["B"].shape[0])
+            return meth.delta(p, w, c)
+        counted = meth if vag is not None else types.SimpleNamespace(
+            name=meth.name, frozen=meth.frozen, delta=delta)
+        runs[cut] = adam.run_adam(counted, M, w0, config, p0, steps=1500,
+                                  lr=1e-2, tol=1e-4, window=50, value_and_grad=vag,
+                                  value_and_grad_for=vag_for, compact=cut), list(sizes)
+    (p_cut, h_cut, its_cut, _), n_cut = runs[True]
+    (p_all, h_all, its_all, _), n_all = runs[False]
+    assert torch.equal(its_cut, its_all) and len(set(its_all.tolist())) > 1  # they stop at different steps
+    for k in p_all:
+        assert torch.equal(p_cut[k], p_all[k]), k
+    for t in range(len(h_all)):  # every target's error, up to where it stopped
+        run = its_all >= t
+        assert torch.equal(h_cut[t][run], h_all[t][run])
+    assert set(n_all) == {4} and min(n_cut) < 4
+    assert sum(n_cut) <= sum(its_all.tolist()) + 4 < sum(n_all)
