@@ -260,7 +260,9 @@ def executor_mapper(ex, out: str | Path) -> Callable:
 # --------------------------------------------------------------------------- #
 def run_measures(d: Path, deltas, reference, reference_key: str | None, k: int) -> dict:
     """Per-layer measures of one run against full fine-tuning's deltas, cached in the run
-    folder (``analysis.json``, recomputed when the reference or k changes)."""
+    folder (``analysis.json``, recomputed when the reference or k changes). ``deltas`` and
+    ``reference`` may be zero-argument callables, called only when the cache is stale: a
+    run kept without its deltas (:mod:`finetune.archive`) still reports from its cache."""
     p = Path(d) / "analysis.json"
     try:
         blob = json.loads(p.read_text())
@@ -269,6 +271,8 @@ def run_measures(d: Path, deltas, reference, reference_key: str | None, k: int) 
             return blob["layers"]
     except (OSError, ValueError, AttributeError):
         pass
+    deltas = deltas() if callable(deltas) else deltas
+    reference = reference() if callable(reference) else reference
     layers = AN.layer_measures(deltas, reference, k)
     cli.write_json(p, {"version": ANALYSIS_VERSION, "reference": reference_key, "k": k,
                        "layers": layers})
@@ -276,16 +280,19 @@ def run_measures(d: Path, deltas, reference, reference_key: str | None, k: int) 
 
 
 def reconstruction_cached(cache_dir: Path, full_key: str, method: str, rank: int, target, *,
-                          solver: str, steps: int | None) -> dict[str, float]:
+                          solver: str, steps: int | None, layers=None) -> dict[str, float]:
     """:func:`finetune.analysis.reconstruction_errors`, cached as JSON per (full run,
-    method, rank, solver, steps)."""
+    method, rank, solver, steps). ``target`` may be a zero-argument callable (called only
+    on a cache miss) when ``layers`` names its layers."""
     p = Path(cache_dir) / f"{full_key}-{method}-r{rank}-{solver}-{steps or 'default'}.json"
+    names = set(layers) if layers is not None else set(target)
     try:
         blob = json.loads(p.read_text())
-        if set(blob["errors"]) == set(target):
+        if set(blob["errors"]) == names:
             return {k: (math.nan if v is None else float(v)) for k, v in blob["errors"].items()}
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    target = target() if callable(target) else target
     errs = AN.reconstruction_errors(method, target, rank, solver=solver, steps=steps)
     cli.write_json(p, {"full_run": full_key, "method": method, "rank": rank, "solver": solver,
                        "steps": steps, "errors": errs})
@@ -334,7 +341,13 @@ def compare_rows(configs: Sequence[RunConfig], out: str | Path, *, k: int | None
             status = "failed" if (d / "failed.json").is_file() else "missing"
             runs[Row(c.method, c.impl)].append((c, None, status))
     full = {c.seed: (rec, R.run_dir(out, c)) for c, rec, _ in runs[Row("full")] if rec}
-    full_deltas = {s: R.load_deltas(d) for s, (_, d) in full.items()}
+    loaded: dict[int, Any] = {}
+
+    def full_deltas(seed: int):  # loaded on first use: cached measures need none
+        if seed not in loaded:
+            loaded[seed] = R.load_deltas(full[seed][1])
+        return loaded[seed]
+
     full_seeds = sorted(full)
     meta: dict[str, Any] = {"model": model, "task": task, "rank": rank, "k": k}
     any_rec = next((rec for rs in runs.values() for _, rec, _ in rs if rec), None)
@@ -357,9 +370,11 @@ def compare_rows(configs: Sequence[RunConfig], out: str | Path, *, k: int | None
                 ref_seed = others[0] if others else None
             else:
                 ref_seed = c.seed if c.seed in full else (full_seeds[0] if full_seeds else None)
-            ref = full_deltas.get(ref_seed) if ref_seed is not None else None
+            ref = (functools.partial(full_deltas, ref_seed) if ref_seed is not None
+                   else None)
             ref_key = full[ref_seed][0]["key"] if ref is not None else None
-            measures[c.key] = run_measures(Path(rec["dir"]), R.load_deltas(rec["dir"]), ref,
+            measures[c.key] = run_measures(Path(rec["dir"]),
+                                           functools.partial(R.load_deltas, rec["dir"]), ref,
                                            ref_key, k)
             bar.update(1)
     bar.close()
@@ -368,16 +383,18 @@ def compare_rows(configs: Sequence[RunConfig], out: str | Path, *, k: int | None
     recon: dict[str, float] = {}
     if fit and full_seeds:
         s0 = full_seeds[0]
-        target = full_deltas[s0]
+        full_s0 = next(c.key for c, rec, _ in runs[Row("full")] if rec and c.seed == s0)
+        layers = list(measures[full_s0])
         cache = out / model / task / "reconstruction"
         methods = list(dict.fromkeys(r.method for r in rows_order))
         bar = tqdm(methods, desc="reconstruction", unit="method", disable=not progress,
                    leave=False)
         for m in bar:
-            errs = reconstruction_cached(cache, full[s0][0]["key"], m, rank, target,
+            errs = reconstruction_cached(cache, full[s0][0]["key"], m, rank,
+                                         functools.partial(full_deltas, s0), layers=layers,
                                          solver=fit_solver, steps=fit_steps)
             recon[m] = _mean(errs.values())
-        meta["reconstruction_of"] = f"full fine-tuning, seed {s0} ({len(target)} layers)"
+        meta["reconstruction_of"] = f"full fine-tuning, seed {s0} ({len(layers)} layers)"
 
     lora_recs = [rec for _, rec, _ in runs.get(Row("lora"), []) if rec]
     lora_time = _mean(r["step_seconds_median"] for r in lora_recs)

@@ -374,3 +374,40 @@ def test_a_run_whose_ray_task_died_is_recorded_failed_and_retried(tmp_path):
     assert not R.is_finished(d)
     res = C.execute([cfg], tmp_path)
     assert res[0]["status"] == "trained" and R.is_finished(d)
+
+
+def test_kept_records_without_tensors_rebuild_the_same_table(tmp_path, capsys, monkeypatch):
+    """``finetune.archive`` keeps run.json, the cached measures and fits; the table from
+    the kept records (no safetensors anywhere) is the table from the full runs."""
+    from finetune import archive as A
+
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    argv = [*FAST[:-1], "--no-figure"]  # with the reconstruction column
+    code, out, err = _main([*argv, "--out", str(runs)], capsys)
+    assert code == 0, err
+    res = A.archive(runs, kept, "mlp", "digits")
+    assert len(res["kept"]) == 3 and not res["skipped"] and res["fits"]
+    assert not list(kept.rglob("*.safetensors"))
+
+    def no_training(*a, **k):
+        raise AssertionError("a kept run was recomputed")
+
+    monkeypatch.setattr(ftrain, "train", no_training)
+    code, out2, err = _main([*argv, "--out", str(kept), "--report-only"], capsys)
+    assert code == 0, err
+    strip = [ln for ln in out.splitlines() if not ln.startswith("written:")]
+    assert [ln for ln in out2.splitlines() if not ln.startswith("written:")] == strip
+
+
+def test_archive_leaves_out_runs_without_cached_measures(tmp_path, capsys):
+    from finetune import archive as A
+
+    runs = tmp_path / "runs"
+    code, _, err = _main([*FAST, "--no-figure", "--out", str(runs)], capsys)
+    assert code == 0, err
+    victim = next(runs.glob("mlp/digits/abba-*"))
+    (victim / "analysis.json").unlink()
+    res = A.archive(runs, tmp_path / "kept")
+    assert res["skipped"] == [str(victim.relative_to(runs))] and len(res["kept"]) == 2
+    assert A.main(["--out", str(tmp_path / "nowhere"), "--to", str(tmp_path / "k2")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
