@@ -1,0 +1,45 @@
+"""The records kept in ``records/finetune`` rebuild the README's MiniLM table with no
+tensors and no training, and say what the README says of it: 3 seeds of every row, our
+adapters and PEFT's agree within the seeds' spread, the Hadamard-product adapters trail
+LoRA at the common learning rate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import finetune.train as ftrain
+from finetune import compare as C
+
+RECORDS = Path(__file__).resolve().parents[1] / "records" / "finetune"
+ARGV = ["--model", "minilm", "--task", "movie", "--rank", "8", "--steps", "100",
+        "--eval-every", "50", "--methods", "all", "--seeds", "3", "--impl", "both",
+        "--report-only", "--no-progress", "--no-figure", "--name", "table"]
+
+
+@pytest.mark.skipif(not (RECORDS / "minilm" / "movie").is_dir(), reason="no kept records")
+def test_kept_minilm_records_rebuild_the_readme_table(tmp_path, capsys, monkeypatch):
+    shutil.copytree(RECORDS, tmp_path / "finetune")
+
+    def no_training(*a, **k):
+        raise AssertionError("report-only trained a run")
+
+    monkeypatch.setattr(ftrain, "train", no_training)
+    assert C.main([*ARGV, "--out", str(tmp_path / "finetune")]) == 0, capsys.readouterr().err
+    comp = json.loads((tmp_path / "finetune/minilm/movie/table.json").read_text())
+    rows = {r["label"]: r for r in comp["rows"]}
+    assert len(rows) == 20 and all(r["seeds"] == [0, 1, 2] for r in rows.values())
+    for m in ("lora", "hira", "loha", "dora", "miss"):
+        ours, peft = rows[m], rows[f"{m} (PEFT)"]
+        spread = max(ours["metric_sd"], peft["metric_sd"])
+        assert abs(ours["metric_mean"] - peft["metric_mean"]) <= 2 * spread, m
+    for m in ("abba", "hira", "loha", "smoa"):
+        assert rows[m]["metric_mean"] < rows["lora"]["metric_mean"] - 0.03, m
+    assert rows["lora"]["reconstruction_error"] < rows["abba"]["reconstruction_error"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lora = rows["lora"]
+    assert (f"| lora | 332,546 | {lora['metric_mean']:.3f} ± {lora['metric_sd']:.3f} (3) |"
+            in readme)
