@@ -36,8 +36,12 @@ def archive(out: str | Path, to: str | Path, model: str | None = None,
     out, to = Path(out), Path(to)
     if not out.is_dir():
         raise FileNotFoundError(f"--out {out}: no such runs folder")
+    recs = R.find_runs(out, model, task)
+    if not recs:
+        which = " ".join(x for x in (model, task) if x) or "any model"
+        raise ValueError(f"--out {out}: no finished runs of {which} there")
     kept, skipped, fits = [], [], []
-    for rec in R.find_runs(out, model, task):
+    for rec in recs:
         src = Path(rec["dir"])
         rel = src.relative_to(out)
         if not (src / "analysis.json").is_file():

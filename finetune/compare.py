@@ -341,12 +341,8 @@ def compare_rows(configs: Sequence[RunConfig], out: str | Path, *, k: int | None
             status = "failed" if (d / "failed.json").is_file() else "missing"
             runs[Row(c.method, c.impl)].append((c, None, status))
     full = {c.seed: (rec, R.run_dir(out, c)) for c, rec, _ in runs[Row("full")] if rec}
-    loaded: dict[int, Any] = {}
-
-    def full_deltas(seed: int):  # loaded on first use: cached measures need none
-        if seed not in loaded:
-            loaded[seed] = R.load_deltas(full[seed][1])
-        return loaded[seed]
+    # full FT's deltas per seed, loaded on first use: cached measures and fits need none
+    full_deltas = functools.cache(lambda seed: R.load_deltas(full[seed][1]))
 
     full_seeds = sorted(full)
     meta: dict[str, Any] = {"model": model, "task": task, "rank": rank, "k": k}
@@ -383,8 +379,7 @@ def compare_rows(configs: Sequence[RunConfig], out: str | Path, *, k: int | None
     recon: dict[str, float] = {}
     if fit and full_seeds:
         s0 = full_seeds[0]
-        full_s0 = next(c.key for c, rec, _ in runs[Row("full")] if rec and c.seed == s0)
-        layers = list(measures[full_s0])
+        layers = list(measures[full[s0][0]["key"]])
         cache = out / model / task / "reconstruction"
         methods = list(dict.fromkeys(r.method for r in rows_order))
         bar = tqdm(methods, desc="reconstruction", unit="method", disable=not progress,

@@ -62,6 +62,10 @@ def load_deltas(d: Path) -> dict:
 
     p = Path(d) / "deltas.safetensors"
     if not p.is_file():
+        if is_finished(d):
+            raise FileNotFoundError(f"{p} not found: a record kept without its tensors "
+                                    "(finetune.archive) reports only its cached measures; "
+                                    "retrain the run to measure it anew")
         raise FileNotFoundError(f"{p} not found (an unfinished or foreign run?)")
     try:
         return _load(p)

@@ -397,6 +397,9 @@ def test_kept_records_without_tensors_rebuild_the_same_table(tmp_path, capsys, m
     assert code == 0, err
     strip = [ln for ln in out.splitlines() if not ln.startswith("written:")]
     assert [ln for ln in out2.splitlines() if not ln.startswith("written:")] == strip
+    # a measure that is not cached (another k) needs the tensors: one line, exit 2
+    code, _, err = _main([*argv, "--out", str(kept), "--report-only", "--k", "2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "kept without its tensors" in err, err
 
 
 def test_archive_leaves_out_runs_without_cached_measures(tmp_path, capsys):
@@ -411,3 +414,15 @@ def test_archive_leaves_out_runs_without_cached_measures(tmp_path, capsys):
     assert res["skipped"] == [str(victim.relative_to(runs))] and len(res["kept"]) == 2
     assert A.main(["--out", str(tmp_path / "nowhere"), "--to", str(tmp_path / "k2")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_archive_of_a_model_with_no_runs_is_one_line_exit_2(tmp_path, capsys):
+    from finetune import archive as A
+
+    code, _, err = _main([*FAST, "--no-figure", "--out", str(tmp_path / "runs")], capsys)
+    assert code == 0, err
+    assert A.main(["--out", str(tmp_path / "runs"), "--to", str(tmp_path / "k"),
+                   "--model", "minlm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no finished runs of minlm" in err
+    assert not (tmp_path / "k" / "minlm").exists()
