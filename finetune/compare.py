@@ -634,6 +634,29 @@ def write_outputs(comp: dict[str, Any], stem: Path, *, with_figure: bool = True)
     return paths
 
 
+#: a comparison's float fields that strict JSON writes as null when NaN
+_FLOATS = ("metric_mean", "metric_sd", "metric_before", "final_train_loss", "train_loss_eval",
+           "step_seconds", "time_vs_lora", "peak_step_bytes", "memory_vs_lora", "train_seconds",
+           "numerical_rank", "effective_rank", "cosine", "overlap", "reconstruction_error",
+           "forgetting")
+
+
+def read_comparison(path: Path) -> dict[str, Any]:
+    """A comparison's JSON (``write_outputs``) read back as ``compare_rows`` made it: the
+    NaNs that strict JSON keeps as null are NaN again, so ``format_table`` and
+    ``figure`` take it as they take a fresh one."""
+    comp = json.loads(Path(path).read_text())
+    for r in comp["rows"]:
+        for k in _FLOATS:
+            if k in r and r[k] is None:
+                r[k] = math.nan
+    for c in comp.get("correlation", {}).values():
+        for k in ("rho", "p"):
+            if c.get(k) is None:
+                c[k] = math.nan
+    return comp
+
+
 def output_stem(out: Path, model: str, task: str, rank: int, steps: int) -> Path:
     return Path(out) / model / task / f"compare-r{rank}-{steps}steps"
 

@@ -182,17 +182,24 @@ worst = max(ours, key=lambda r: r["reconstruction_error"])
 assert worst["metric_mean"] >= by["lora"]["metric_mean"] - 0.05, worst["method"]
 
 # %% [markdown]
-# ## The full comparison (MiniLM on movie reviews), when it exists
+# ## The real model: MiniLM on movie reviews, 3 seeds of every row
 #
-# `python -m finetune.compare --model minilm --task movie --methods all --rank 8 --seeds 3
-# --impl both --steps 100 --eval-every 50` writes it (hours on a CPU). Set
-# `ADAPTERS_COMPARISON` to its JSON (or to any other comparison) to read it here.
+# The digits toy answers in a minute; the same questions on a real encoder take
+# hours of CPU. `python -m finetune.compare --model minilm --task movie --methods all
+# --rank 8 --seeds 3 --impl both --steps 100 --eval-every 50` trained all twelve
+# methods, PEFT's rows where PEFT has the method, and full fine-tuning; the run records
+# and the fits of full fine-tuning's ΔW are kept (without their tensors) in
+# `records/finetune`, and this section reads the table rebuilt from them. Set
+# `ADAPTERS_COMPARISON` to any other comparison's JSON to read that one instead (then
+# only the checks that hold for every comparison run).
 
 # %%
-path = os.environ.get("ADAPTERS_COMPARISON") or "runs/minilm/movie/compare-r8-100steps.json"
-full_comp = json.loads(Path(path).read_text()) if Path(path).is_file() else None
+ROOT = Path.cwd() if (Path.cwd() / "records").is_dir() else Path.cwd().parent
+kept = ROOT / "records/finetune/minilm/movie/table.json"
+path = Path(os.environ.get("ADAPTERS_COMPARISON") or kept)
+full_comp = C.read_comparison(path) if path.is_file() else None
 if full_comp is None:
-    print(f"no full comparison at {path}: nothing more to read")
+    print(f"no comparison at {path}: nothing more to read")
 else:
     print(C.format_table(full_comp))
     done = [r for r in full_comp["rows"] if "metric_mean" in r]
@@ -200,13 +207,56 @@ else:
     assert "full" in fb and "lora" in fb
     # the budget contract, and the rank bounds, on the real model too
     assert all(r["trainable_params"] <= fb["lora"]["trainable_params"]
-               for r in done if r["method"] != "full")
+               for r in done if r["method"] != "full" and r["impl"] == "ours")
     assert fb["lora"]["numerical_rank"] <= full_comp["rank"] + 1e-9
     if "abba" in fb:
         assert fb["abba"]["numerical_rank"] <= (full_comp["rank"] // 2) ** 2 + 1e-9
     # fine-tuning helps every method that ran
     better = 1 if full_comp.get("higher_is_better", True) else -1
     assert all(better * (r["metric_mean"] - r["metric_before"]) > 0 for r in done)
+
+# %% [markdown]
+# What the kept MiniLM table says (each claim asserted below, on its three seeds):
+#
+# - **Our trainer is not the variable.** Where PEFT has the method, its row and ours
+#   agree within two standard deviations of the seeds (LoRA 0.814 / 0.814).
+# - **At the common learning rate (1e-3, 100 steps) the Hadamard-product adapters
+#   trail LoRA** by more than 3 accuracy points (ABBA, HiRA, LoHa, SMoA), although
+#   ABBA's and LoHa's learned updates have twice LoRA's rank (16 against 8). The
+#   README shows the gap shrinking at 4e-3: a product of small factors moves slowly
+#   at first, so this is partly a statement about the learning rate.
+# - **Expressing full fine-tuning's update does not predict fine-tuning.** LoRA
+#   expresses $\Delta W_f$ better than ABBA at this budget (its spectrum decays fast,
+#   so the truncated SVD wins), and across the twelve methods the Spearman correlation
+#   between reconstruction error and accuracy is not significant.
+
+# %%
+if full_comp is not None and path == kept:
+    assert all(r["seeds"] == [0, 1, 2] for r in done) and len(done) == 20
+    for m in ("lora", "hira", "loha", "dora", "miss"):
+        ours_r, peft_r = fb[m], fb[f"{m} (PEFT)"]
+        assert abs(ours_r["metric_mean"] - peft_r["metric_mean"]) \
+            <= 2 * max(ours_r["metric_sd"], peft_r["metric_sd"]), m
+    for m in ("abba", "hira", "loha", "smoa"):
+        assert fb[m]["metric_mean"] < fb["lora"]["metric_mean"] - 0.03, m
+    assert fb["abba"]["numerical_rank"] == 2 * fb["lora"]["numerical_rank"]
+    assert fb["lora"]["reconstruction_error"] < fb["abba"]["reconstruction_error"]
+    rc = full_comp["correlation"]["reconstruction_vs_metric"]
+    assert rc["n"] == 12 and rc["p"] > 0.05, rc
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in done:
+        ax.errorbar(r["trainable_params"], r["metric_mean"], yerr=r["metric_sd"],
+                    fmt="s" if r["impl"] == "peft" else "o", capsize=3,
+                    mfc="none" if r["impl"] == "peft" else None)
+        ax.annotate(r["label"], (r["trainable_params"], r["metric_mean"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("held-out accuracy (3 seeds)")
+    ax.set_title("MiniLM on movie reviews at the budget of rank-8 LoRA (squares: PEFT)")
+    fig.tight_layout()
+    plt.show()
 
 # %%
 print(f"notebook ran in {time.perf_counter() - t0:.0f} s")

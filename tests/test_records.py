@@ -43,3 +43,11 @@ def test_kept_minilm_records_rebuild_the_readme_table(tmp_path, capsys, monkeypa
     lora = rows["lora"]
     assert (f"| lora | 332,546 | {lora['metric_mean']:.3f} ± {lora['metric_sd']:.3f} (3) |"
             in readme)
+
+
+@pytest.mark.skipif(not (RECORDS / "minilm" / "movie").is_dir(), reason="no kept records")
+def test_a_comparison_json_read_back_prints_the_table_it_was_written_with():
+    # strict JSON keeps NaN (full FT's cosine with itself, no forgetting) as null
+    d = RECORDS / "minilm" / "movie"
+    comp = C.read_comparison(d / "table.json")
+    assert C.format_table(comp) + "\n" == (d / "table.txt").read_text()
