@@ -51,3 +51,33 @@ def test_a_comparison_json_read_back_prints_the_table_it_was_written_with():
     d = RECORDS / "minilm" / "movie"
     comp = C.read_comparison(d / "table.json")
     assert C.format_table(comp) + "\n" == (d / "table.txt").read_text()
+
+
+SMOLLM = ["--model", "smollm2", "--task", "tweets", "--rank", "8", "--steps", "200",
+          "--eval-every", "100", "--methods", "lora,abba,hira,loha,dora,alpha_lora",
+          "--lr-set", "abba=4e-3", "--lr-set", "hira=4e-3", "--lr-set", "loha=4e-3",
+          "--no-fit", "--report-only", "--no-progress", "--no-figure", "--name", "table"]
+
+
+@pytest.mark.skipif(not (RECORDS / "smollm2" / "tweets").is_dir(), reason="no kept records")
+def test_kept_smollm2_records_rebuild_the_readme_table(tmp_path, capsys, monkeypatch):
+    shutil.copytree(RECORDS, tmp_path / "finetune")
+
+    def no_training(*a, **k):
+        raise AssertionError("report-only trained a run")
+
+    monkeypatch.setattr(ftrain, "train", no_training)
+    assert C.main([*SMOLLM, "--out", str(tmp_path / "finetune")]) == 0, capsys.readouterr().err
+    comp = json.loads((tmp_path / "finetune/smollm2/tweets/table.json").read_text())
+    rows = {r["label"]: r for r in comp["rows"]}
+    assert sorted(rows) == sorted(["full", "lora", "abba", "hira", "loha", "dora", "alpha_lora"])
+    assert comp["steps"] == 200 and all(r["seeds"] == [0] for r in rows.values())
+    # every adapter learns (held-out loss well below the base model's) and ends within
+    # 0.05 of full fine-tuning or below it, as the README says
+    for r in rows.values():
+        assert r["metric_mean"] < r["metric_before"] - 1.0, r["label"]
+        assert r["metric_mean"] <= rows["full"]["metric_mean"] + 0.05, r["label"]
+    assert rows["lora"]["numerical_rank"] <= 8 < rows["abba"]["numerical_rank"] <= 16
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lora = rows["lora"]
+    assert f"| lora | 921,600 | {lora['metric_mean']:.3f} (1) |" in readme
