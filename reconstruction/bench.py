@@ -33,6 +33,10 @@ all measured in one run on one device (``--quick`` shrinks every size).
     rank-72 LoRA, fitted with every iteration run (``tol=1e-7``, the old default) and with
     the default rule (``fit.STOP``), in this process: time ratio, iterations, and the
     largest error change (the grid is held to 0.002).
+(g) ABBA's error and gradient for L-BFGS through ΔW (``solvers.als_kr.dense_value_and_grad``,
+    what the Figure 2 grid runs at 1000×1000 for every ABBA and LoHa cell): the written-out
+    expression as it was (eight element-wise passes over m×n) against the fused one (four),
+    four targets, r1 = r2 = 36: time per evaluation, ratio, and how far the two disagree.
 """
 
 from __future__ import annotations
@@ -440,6 +444,48 @@ def bench_stopping(size: int, rank: int, device: str, dtype,
     return {"bench": "stopping", "size": size, "rank": rank, "rows": rows}
 
 
+def _plain_dense_value_and_grad(M: Tensor, s: float):
+    """(g)'s baseline: the same error and gradient as ``als_kr.dense_value_and_grad``,
+    written as before it was fused (R = s P1 ⊙ P2 − M, ‖R‖² summed in float64, the
+    gradient weight applied to R)."""
+    nrm = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
+    w = (2 * s / nrm).to(M.dtype)[:, None, None]
+
+    def fn(p):
+        B1, A1, B2, A2 = p["B1"], p["A1"], p["B2"], p["A2"]
+        P1, P2 = B1 @ A1, B2 @ A2
+        R = s * (P1 * P2) - M
+        e = (R * R).sum((-2, -1), dtype=torch.float64) / nrm
+        G = R.mul_(w)
+        G2, G1 = G * P1, G.mul_(P2)
+        return e, {"B1": G1 @ A1.mT, "A1": B1.mT @ G1, "B2": G2 @ A2.mT, "A2": B2.mT @ G2}
+
+    return fn
+
+
+def bench_dense_gradient(size: int, r: int, device: str, dtype, batch: int = 4) -> dict:
+    """(g) the plain against the fused dense ABBA error-and-gradient, same inputs."""
+    from .solvers import als_kr as _kr
+    from .solvers.common import structure
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(batch, size, size, generator=g).to(device=device, dtype=dtype)
+    meth = theory.get_method("abba")
+    cfg = meth.config(r1=r, r2=r)
+    p = {k: v.to(device=device, dtype=dtype) for k, v in
+         meth.init(torch.zeros(batch, size, size, dtype=torch.float64), cfg, 0, "gaussian").items()}
+    fused = _kr.dense_value_and_grad(M, structure(meth, p, None, cfg))
+    plain = _plain_dense_value_and_grad(M, float(cfg.scale))
+    e0, g0 = plain(p)
+    e1, g1 = fused(p)
+    t_plain = timeit(lambda: plain(p), device, repeat=10)
+    t_fused = timeit(lambda: fused(p), device, repeat=10)
+    return {"bench": "dense_gradient", "size": size, "r": r, "batch": batch,
+            "plain_s": t_plain, "fused_s": t_fused, "ratio": t_plain / max(t_fused, 1e-12),
+            "error_rel_diff": float(((e1 - e0).abs() / e0).max()),
+            "grad_rel_diff": max(float((g1[k] - g0[k]).abs().max() / g0[k].abs().max()) for k in g0)}
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
@@ -452,13 +498,15 @@ SIZES = {
                  c=(256, 60, 3000, 300),
                  d=(4096, [1, 8, 64, 512, 4096]),
                  e=(256, [8, 16], None),
-                 f=(1000, 72)),
+                 f=(1000, 72),
+                 g=(1000, 36)),
     "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
                   b=(192, {"als": (), "adam": (10, 110)}),
                   c=(64, 30, 1500, 150),
                   d=(512, [1, 64, 512]),
                   e=(40, [3, 6], 40),
-                  f=(48, 6)),
+                  f=(48, 6),
+                  g=(96, 8)),
 }
 
 
@@ -531,6 +579,12 @@ def report(results: list[dict]) -> str:
                     lines.append(f"    {'':<10} {'':<5} stopped targets kept in the batch {u['seconds']:7.1f}s, "
                                  f"cut out {b['seconds']:7.1f}s ({x['cut_ratio']:.2f}×; errors differ by "
                                  f"{max(abs(p - q) for p, q in zip(u['errors'], b['errors'])):.1e})")
+        elif r["bench"] == "dense_gradient":
+            lines.append(
+                f"(g) ABBA error + gradient through ΔW ({r['size']}×{r['size']}, {r['batch']} targets, "
+                f"r1 = r2 = {r['r']}): plain {r['plain_s'] * 1e3:.2f} ms, fused {r['fused_s'] * 1e3:.2f} ms "
+                f"per evaluation ({r['ratio']:.2f}×); largest relative difference: error "
+                f"{r['error_rel_diff']:.1e}, gradient {r['grad_rel_diff']:.1e}")
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")
@@ -549,8 +603,8 @@ def report(results: list[dict]) -> str:
 def build_parser() -> cli.Parser:
     ap = cli.Parser(prog="python -m reconstruction.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    ap.add_argument("--only", default="abcde",
-                    help="which benchmarks, e.g. 'ae' (default abcde; f, the stopping rule at "
+    ap.add_argument("--only", default="abcdeg",
+                    help="which benchmarks, e.g. 'ae' (default abcdeg; f, the stopping rule at "
                          "1000×1000, about half an hour on 2 cores, only when asked)")
     ap.add_argument("--solver", choices=("als", "adam", "both"), default="both",
                     help="solver(s) for (a) (default both)")
@@ -567,9 +621,9 @@ def main(argv=None) -> int:
     def work():
         device = cli.check_device(args.device)
         dtype = DTYPES[args.dtype]
-        bad = set(args.only) - set("abcdef")
+        bad = set(args.only) - set("abcdefg")
         if bad or not args.only:
-            raise ValueError(f"--only takes letters from 'abcdef', got {args.only!r}")
+            raise ValueError(f"--only takes letters from 'abcdefg', got {args.only!r}")
         cli.check_writable_file(args.json, "--json")
         S = SIZES["quick" if args.quick else "full"]
         smallest = min(v[0] for k, v in S.items() if k in args.only)
@@ -594,8 +648,9 @@ def main(argv=None) -> int:
             "d": lambda: bench_forward(S["d"][0], S["d"][1], args.rank, device, dtype),
             "e": lambda: bench_sweep(S["e"][0], S["e"][1], device, dtype, steps=S["e"][2]),
             "f": lambda: bench_stopping(S["f"][0], S["f"][1], device, dtype),
+            "g": lambda: bench_dense_gradient(*S["g"], device, dtype),
         }
-        for k in "abcdef":
+        for k in "abcdefg":
             if k in args.only:
                 got = todo[k]()
                 got = got if isinstance(got, list) else [got]

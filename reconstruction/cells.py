@@ -72,8 +72,11 @@ class Batch:
     """Cells fitted together: same method, config, shape and fit options."""
 
     cells: tuple[Cell, ...]
-    configs: tuple[Any, ...]  # the Config of each cell (all equal)
+    configs: tuple[Any, ...]  # the Config of each cell (equal, or the same update)
     device: str = "cpu"
+    #: the (method name, Config) fitted for every cell (``fit.same_fit``: LoHa cells are
+    #: answered by the fit of ABBA at r1 = r2 = r); None: the first cell's own
+    fit_as: tuple[str, Any] | None = None
 
     @property
     def fits(self) -> list[tuple[str, int]]:
@@ -85,8 +88,13 @@ class Batch:
         return f"{c.method} {c.config} ({len(self.cells)} cells, {len(self.fits)} fits)"
 
 
-def _group_key(c: Cell) -> tuple:
-    return (c.method, c.config, c.m, c.n, c.batch, c.solver, c.steps, c.init, c.dtype, c.w0,
+def _fit_as(c: Cell, cfg) -> tuple[str, Any]:
+    return F.same_fit(c.method, cfg, c.solver, c.init, c.m, c.n)
+
+
+def _group_key(c: Cell, cfg) -> tuple:
+    method, config = _fit_as(c, cfg)
+    return (method, str(config), c.m, c.n, c.batch, c.solver, c.steps, c.init, c.dtype, c.w0,
             c.restarts)
 
 
@@ -98,19 +106,48 @@ def batches(cells: Sequence[tuple[Cell, Any]], device: str = "cpu", batched: boo
         return [Batch((c,), (cfg,), device) for c, cfg in cells]
     groups: dict[tuple, list[tuple[Cell, Any]]] = {}
     for c, cfg in cells:
-        groups.setdefault(_group_key(c), []).append((c, cfg))
+        groups.setdefault(_group_key(c, cfg), []).append((c, cfg))
     out = []
     for members in groups.values():
         chunk: list[tuple[Cell, Any]] = []
         fits: set = set()
         for c, cfg in members:
             if (c.target, c.seed) not in fits and len(fits) >= max_fits:
-                out.append(Batch(tuple(x for x, _ in chunk), tuple(y for _, y in chunk), device))
+                out.append(_batch(chunk, device))
                 chunk, fits = [], set()
             chunk.append((c, cfg))
             fits.add((c.target, c.seed))
-        out.append(Batch(tuple(x for x, _ in chunk), tuple(y for _, y in chunk), device))
+        out.append(_batch(chunk, device))
     return out
+
+
+#: a fit's estimated seconds at 1000×1000 on one CPU thread, a + b·p with p its trainable
+#: parameters over (m + n) (its LoRA-rank equivalent), per solver (``exact``: VeRA's and
+#: LoKr's ALS), read off the Figure 2 grid's per-fit times (README, "Sweeps at scale");
+#: only their ratios are used
+COST = {"svd": (0.3, 0.0), "exact": (4.0, 0.05), "als": (0.0, 0.7), "adam": (0.0, 0.3),
+        "lbfgs": (0.0, 1.0)}
+
+
+def cost(batch: Batch) -> float:
+    """The batch's estimated work (``COST``, scaled by m·n): the sweep hands the batches out
+    largest first, so that parallel workers finish together (no lane left alone on the
+    grid's slowest fit at the end), and estimates the time left from it."""
+    c0, cfg = batch.cells[0], batch.configs[0]
+    name, cfg = batch.fit_as or (c0.method, cfg)
+    meth = theory.get_method(name)
+    solver = F.auto_solver(meth, cfg, c0.m, c0.n) if c0.solver == "auto" else c0.solver
+    if solver == "als" and meth.exact_als is not None:
+        solver = "exact"
+    a, b = COST.get(solver, (0.0, 1.0))
+    p = meth.n_params(c0.m, c0.n, cfg) / (c0.m + c0.n)
+    return len(batch.fits) * c0.batch * c0.m * c0.n / 1e6 * (a + b * p)
+
+
+def _batch(chunk: list[tuple[Cell, Any]], device: str) -> Batch:
+    c0, cfg0 = chunk[0]
+    return Batch(tuple(x for x, _ in chunk), tuple(y for _, y in chunk), device,
+                 fit_as=_fit_as(c0, cfg0))
 
 
 # --------------------------------------------------------------------------- #
@@ -172,6 +209,12 @@ def run_batch(batch: Batch) -> list[dict]:
             out.append({"key": cell.key, "error": r})
             continue
         row = dict(r)  # within budget: the "published" convention is over it by design
+        if cell.method != row["method"]:  # answered by the same update's fit (``fit_as``)
+            meth = theory.get_method(cell.method)
+            n_params = int(meth.n_params(cell.m, cell.n, cfg))
+            assert n_params == row["n_params"], (cell.label(), row["config"])
+            row.update(method=cell.method, config=str(cfg), config_fields=cfg.asdict(),
+                       fitted_as=f"{row['method']} {row['config']}")
         row.update(rank=cell.rank, budget_rank=cell.rank, convention=cell.convention,
                    within_budget=cell.convention == "equal", target=cell.target)
         out.append({"key": cell.key, "row": row, "batch_fits": len(fits),
@@ -182,7 +225,8 @@ def run_batch(batch: Batch) -> list[dict]:
 def _fit_rows(batch: Batch, fits: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
     """One fit of the targets of ``fits``; {(target, seed): row without the per-cell fields}."""
     c0, config = batch.cells[0], batch.configs[0]
-    method = theory.get_method(c0.method)
+    name, config = batch.fit_as or (c0.method, config)
+    method = theory.get_method(name)
     m, n = c0.m, c0.n
     got = [_target(t, m, n, c0.batch, s, c0.dtype, batch.device, c0.w0) for t, s in fits]
     M = torch.cat([g[0].M for g in got])  # (F·batch, m, n)

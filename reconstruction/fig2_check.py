@@ -9,7 +9,11 @@ README's value, the sweep's, their difference, and ``ok`` or ``WORSE`` (the swee
 error above the README's by more than ``--tol``, default 0.002; the README rounds to
 three decimals). Lower is never a failure: a better fit is welcome.
 
-Exit status 0 when every README number is matched, 1 when one is worse or missing
+``--baseline OTHER`` also compares every cell with another sweep of the grid (e.g. one
+made before a solver change, ``python -m reconstruction.sweep --preset abba-fig2 --out
+OTHER``): the largest excess over it and each cell worse than it by more than ``--tol``.
+
+Exit status 0 when every README number is matched (and no cell is worse than the baseline), 1 when one is worse or missing
 from the results (listed), 2 on bad input (no README table, no results file).
 
 The README's rows are matched by their first column: "LoRA, exact SVD" is the sweep's
@@ -95,6 +99,33 @@ def compare(readme: dict, got: dict, tol: float = TOL) -> list[dict]:
     return out
 
 
+def compare_sweeps(base: dict, got: dict, tol: float = TOL) -> tuple[list[dict], list[dict]]:
+    """Every cell of ``base`` (``sweep_errors``) against ``got``: (records of the cells in
+    both, sorted by excess, largest first; those missing from ``got``)."""
+    recs, missing = [], []
+    for key, want in base.items():
+        rec = {"method": key[0], "convention": key[1], "target": key[2], "rank": key[3],
+               "readme": want, "got": got.get(key)}
+        if rec["got"] is None:
+            missing.append({**rec, "diff": None, "status": "missing"})
+            continue
+        rec["diff"] = rec["got"] - want
+        rec["status"] = "WORSE" if rec["diff"] > tol else "ok"
+        recs.append(rec)
+    return sorted(recs, key=lambda r: -r["diff"]), missing
+
+
+def _read(res: Path) -> dict:
+    res = res / "results.json" if res.is_dir() else res
+    if not res.is_file():
+        raise ValueError(f"{res}: no results file (run python -m reconstruction.sweep "
+                         "--preset abba-fig2 first)")
+    try:
+        return sweep_errors(res)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{res}: not a sweep's results file ({type(e).__name__}: {e})") from None
+
+
 def format_table(recs: list[dict]) -> str:
     head = f"{'method':<11} {'convention':<10} {'target':<10} {'r':>3} {'README':>7} {'sweep':>7} {'diff':>8}  status"
     lines = [head, "-" * len(head)]
@@ -113,19 +144,15 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
     ap.add_argument("--tol", type=cli.nonneg_float, default=TOL,
                     help=f"how much higher than the README an error may be (default {TOL})")
+    ap.add_argument("--baseline", type=Path, metavar="OTHER",
+                    help="also compare every cell with another sweep's folder or results.json")
     args = ap.parse_args(argv)
 
     def work():
-        res = args.results / "results.json" if args.results.is_dir() else args.results
-        if not res.is_file():
-            raise ValueError(f"{res}: no results file (run python -m reconstruction.sweep "
-                             "--preset abba-fig2 first)")
         if not args.readme.is_file():
             raise ValueError(f"--readme {args.readme}: no such file")
-        try:
-            got = sweep_errors(res)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{res}: not a sweep's results file ({type(e).__name__}: {e})") from None
+        got = _read(args.results)
+        base = None if args.baseline is None else _read(args.baseline)
         recs = compare(readme_table(args.readme.read_text()), got, args.tol)
         print(format_table(recs))
         worse = [r for r in recs if r["status"] == "WORSE"]
@@ -134,9 +161,23 @@ def main(argv=None) -> int:
         worst = max((r["diff"] for r in recs if r["diff"] is not None), default=float("nan"))
         print(f"{ok} of {len(recs)} README numbers matched (largest excess {worst:+.4f}, "
               f"tolerance {args.tol}); {len(worse)} worse, {len(missing)} missing")
+        bad = []
+        if base is not None:
+            cells, gone = compare_sweeps(base, got, args.tol)
+            over = [r for r in cells if r["status"] == "WORSE"]
+            print(f"\nagainst {args.baseline}: {len(cells)} cells in both, {len(gone)} missing here")
+            print(format_table(cells[:5] + [r for r in over[5:]] + gone).replace("README", "  base"))
+            if cells:
+                d = [r["diff"] for r in cells]
+                print(f"largest excess {max(d):+.4f}, largest gain {min(d):+.4f}, mean change "
+                      f"{sum(d) / len(d):+.5f}; {len(over)} worse than the baseline by more than {args.tol}")
+            if over or gone:
+                bad.append(f"{len(over)} cell(s) worse than the baseline, {len(gone)} missing")
         if worse or missing:
-            raise cli.Failed(f"{len(worse)} worse than the README by more than {args.tol}, "
-                             f"{len(missing)} missing (listed above)")
+            bad.insert(0, f"{len(worse)} worse than the README by more than {args.tol}, "
+                          f"{len(missing)} missing (listed above)")
+        if bad:
+            raise cli.Failed("; ".join(bad))
 
     return cli.run(work)
 

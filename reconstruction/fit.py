@@ -208,6 +208,33 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
     return chosen
 
 
+#: starts drawn by the same code for every Hadamard pair (``solvers.common``: the
+#: reconstruction inits, and the methods' "gaussian", the same for ABBA and LoHa)
+PAIR_STARTS = ("lora-warm", "spectral", "gaussian")
+
+
+def same_fit(method, config: Config, solver: str, init: str | None, m: int, n: int):
+    """(method name, config) whose fit on m×n targets is this one's, number for number:
+    the registered method with the same update (``Method.same_update``: LoHa without α is
+    ABBA at r1 = r2 = r) where both fits run the same solver from the same starts (the
+    Hadamard pairs' ALS and L-BFGS, started at ``PAIR_STARTS``); else the method's own.
+    A sweep fits such cells once (``reconstruction.cells``; a test checks that the shared
+    fit equals the method's own)."""
+    meth = method if isinstance(method, theory.Method) else theory.get_method(method)
+    own = (meth.name, config)
+    same = meth.same_update(config)
+    if same is None or (init is not None and init not in PAIR_STARTS):
+        return own
+    other = theory.get_method(same[0])
+    if not (is_hadamard_pair(meth) and is_hadamard_pair(other)):
+        return own
+    mine = auto_solver(meth, config, m, n) if solver == "auto" else solver
+    theirs = auto_solver(other, same[1], m, n) if solver == "auto" else solver
+    if mine != theirs or mine not in ("als", "lbfgs"):
+        return own
+    return same[0], same[1]
+
+
 def inits_for(method_name: str) -> list[str]:
     """Initializations ``fit`` accepts for a method (its own, then reconstruction ones)."""
     m = theory.get_method(method_name)

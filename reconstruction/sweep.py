@@ -47,7 +47,7 @@ from cli import executor as X
 
 from . import io as rio
 from . import published
-from .cells import MAX_FITS, Cell, batches, run_batch
+from .cells import MAX_FITS, Cell, batches, cost, run_batch
 from .fit import SOLVERS, inits_for, solvers_for
 from .run import CONVENTIONS, DTYPES, config_for, evaluate, resolve_methods  # noqa: F401
 
@@ -182,7 +182,9 @@ def run_sweep(grid: Grid, out: Path, *, max_cells: int | None = None,
     stopped = max_cells is not None and len(todo) > max_cells
     if max_cells is not None:
         todo = todo[:max_cells]
-    tasks = batches(todo, grid.device, batched)
+    tasks = sorted(batches(todo, grid.device, batched), key=cost, reverse=True)  # largest first
+    work = {id(t): cost(t) for t in tasks}
+    work_left = sum(work.values())
     meta = {"grid": {**dataclasses.asdict(grid), "shape": list(grid.shape)},
             "n_cells": len(cells), "notes": notes, "torch": torch.__version__,
             "executor": ex.kind}
@@ -214,7 +216,9 @@ def run_sweep(grid: Grid, out: Path, *, max_cells: int | None = None,
             computed += len(recs)
             rio.write_results(out, _table(cells, done), meta)
             elapsed = time.perf_counter() - t0
-            left = elapsed / computed * (len(todo) - computed)
+            work_left -= work.get(id(task), 0.0)
+            work_done = sum(work.values()) - work_left
+            left = elapsed / max(work_done, 1e-12) * work_left  # by the estimated work (``cost``)
             if bar is not None:
                 bar.update(len(recs))
                 bar.set_postfix_str(f"{task.label()}"[:60])

@@ -51,10 +51,27 @@ def test_a_sweep_matching_the_readme_passes_and_one_worse_cell_fails(tmp_path, c
     assert "1 missing" in capsys.readouterr().err
 
 
+def test_every_cell_is_checked_against_a_baseline_sweep_and_one_worse_cell_fails(tmp_path, capsys):
+    base = {**README, ("hira", "equal", "random", 40): 0.80, ("abba", "equal", "sparse", 16): 0.70}
+    after = {k: v - 0.01 for k, v in base.items()}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _results(tmp_path / "b", base)
+    assert FC.main([str(_results(tmp_path / "a", after)), "--baseline", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(base)} cells in both, 0 missing here" in out and "largest excess -0.0100" in out
+    after[("hira", "equal", "random", 40)] = 0.803  # off the README's r = 72 / 8: only the baseline sees it
+    assert FC.main([str(_results(tmp_path / "a", after)), "--baseline", str(tmp_path / "b")]) == 1
+    cap = capsys.readouterr()
+    assert "hira        equal      random      40  0.8000  0.8030  +0.0030  WORSE" in cap.out
+    assert cap.err.strip() == "failed: 1 cell(s) worse than the baseline, 0 missing"
+
+
 @pytest.mark.parametrize("argv,says", [
     (["/nonexistent/folder"], "no results file"),
     (["--tol", "-1"], "--tol"),
     (["--tol", "nan"], "--tol"),
+    (["--baseline", "/nonexistent/folder"], "no results file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, says, capsys):
     try:

@@ -249,11 +249,11 @@ def test_jsonl_reader_skips_a_torn_last_line_and_appends_after_it(tmp_path):
 # --------------------------------------------------------------------------- #
 # bench
 # --------------------------------------------------------------------------- #
-def test_bench_quick_prints_the_five_benchmarks(tmp_path):
+def test_bench_quick_prints_the_six_benchmarks(tmp_path):
     p = cli("--quick", "--json", str(tmp_path / "b.json"), module="reconstruction.bench",
             timeout=400)
     assert p.returncode == 0, p.stderr
-    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)"):
+    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)", "(g)"):
         assert tag in p.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     res = {r["bench"]: r for r in data["results"]}
@@ -269,6 +269,9 @@ def test_bench_quick_prints_the_five_benchmarks(tmp_path):
     sw = res["sweep"]
     assert sw["cells"] > 50 and sw["batches"] < sw["cells"] and sw["failed"] == 0
     assert sw["max_error_gap"] == 0.0 and sw["batched_per_min"] > 0 < sw["cell_by_cell_per_min"]
+    # (g) the fused dense ABBA error and gradient are the plain expression's
+    g = res["dense_gradient"]
+    assert g["error_rel_diff"] < 1e-6 and g["grad_rel_diff"] < 1e-5 and g["ratio"] > 0
 
 
 def test_live_bytes_mode_counts_peak_of_live_tensors():

@@ -20,15 +20,21 @@ ARGV = ["--model", "minilm", "--task", "movie", "--rank", "8", "--steps", "100",
         "--report-only", "--no-progress", "--no-figure", "--name", "table"]
 
 
-@pytest.mark.skipif(not (RECORDS / "minilm" / "movie").is_dir(), reason="no kept records")
-def test_kept_minilm_records_rebuild_the_readme_table(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def kept(tmp_path, monkeypatch):
+    """A copy of the kept records under tmp_path/finetune, with training forbidden."""
     shutil.copytree(RECORDS, tmp_path / "finetune")
 
     def no_training(*a, **k):
         raise AssertionError("report-only trained a run")
 
     monkeypatch.setattr(ftrain, "train", no_training)
-    assert C.main([*ARGV, "--out", str(tmp_path / "finetune")]) == 0, capsys.readouterr().err
+    return tmp_path / "finetune"
+
+
+@pytest.mark.skipif(not (RECORDS / "minilm" / "movie").is_dir(), reason="no kept records")
+def test_kept_minilm_records_rebuild_the_readme_table(kept, tmp_path, capsys):
+    assert C.main([*ARGV, "--out", str(kept)]) == 0, capsys.readouterr().err
     comp = json.loads((tmp_path / "finetune/minilm/movie/table.json").read_text())
     rows = {r["label"]: r for r in comp["rows"]}
     assert len(rows) == 20 and all(r["seeds"] == [0, 1, 2] for r in rows.values())
@@ -60,14 +66,8 @@ SMOLLM = ["--model", "smollm2", "--task", "tweets", "--rank", "8", "--steps", "2
 
 
 @pytest.mark.skipif(not (RECORDS / "smollm2" / "tweets").is_dir(), reason="no kept records")
-def test_kept_smollm2_records_rebuild_the_readme_table(tmp_path, capsys, monkeypatch):
-    shutil.copytree(RECORDS, tmp_path / "finetune")
-
-    def no_training(*a, **k):
-        raise AssertionError("report-only trained a run")
-
-    monkeypatch.setattr(ftrain, "train", no_training)
-    assert C.main([*SMOLLM, "--out", str(tmp_path / "finetune")]) == 0, capsys.readouterr().err
+def test_kept_smollm2_records_rebuild_the_readme_table(kept, tmp_path, capsys):
+    assert C.main([*SMOLLM, "--out", str(kept)]) == 0, capsys.readouterr().err
     comp = json.loads((tmp_path / "finetune/smollm2/tweets/table.json").read_text())
     rows = {r["label"]: r for r in comp["rows"]}
     assert sorted(rows) == sorted(["full", "lora", "abba", "hira", "loha", "dora", "alpha_lora"])

@@ -39,7 +39,7 @@ def small_grid(**kw) -> S.Grid:
 
 def stable(rows: list[dict]) -> list[dict]:
     """Rows without the wall-clock fields (which differ between runs)."""
-    return [{k: v for k, v in r.items() if k not in ("seconds",)} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "fitted_as")} for r in rows]
 
 
 class Counter:
@@ -192,6 +192,48 @@ def test_every_cell_has_the_same_numbers_in_a_batch_as_fitted_alone(tmp_path):
                        dtype=torch.float32, within_budget=row["convention"] == "equal")
         ref["target"] = row["target"]
         assert stable([row]) == stable([ref]), row["method"]
+
+
+def test_loha_cells_are_answered_by_abbas_fit_with_the_numbers_of_lohas_own_fit(tmp_path):
+    """LoHa without α is ABBA at r1 = r2 = r (``Method.same_update``): with L-BFGS, as the
+    Figure 2 grid fits them, one fit answers both, and each LoHa row is what LoHa's own
+    fit gives, bit for bit; a LoHa start of its own ("paper") is never shared."""
+    grid = small_grid(methods=["abba", "loha"], ranks=[4, 8], targets=["random", "orthogonal"],
+                      shape=(32, 32), steps=30, solver="lbfgs", conventions=["equal", "published"])
+    cells, _ = S.plan(grid)
+    got = C.batches(cells)
+    shared = [b for b in got if {c.method for c in b.cells} == {"abba", "loha"}]
+    assert len(shared) == 2 and all(b.fit_as[0] == "abba" for b in shared)
+    assert not any(b.cells[0].method == "loha" for b in got if b not in shared)
+    batched = S.run_sweep(grid, tmp_path / "b", figure=False)
+    alone = S.run_sweep(grid, tmp_path / "a", figure=False, batched=False)
+    assert batched["complete"] and batched["batches"] == 3 < alone["batches"] == 12
+    assert stable(batched["rows"]) == stable(alone["rows"])
+    loha = [r for r in batched["rows"] if r["method"] == "loha"]
+    assert len(loha) == 4 and all(r["fitted_as"].startswith("abba r1=") for r in loha)
+    paper = [(c, cfg) for c, cfg in S.plan(small_grid(methods=["abba", "loha"], ranks=[4],
+                                                      init="paper", solver="lbfgs"))[0]]
+    assert all(b.fit_as[0] == b.cells[0].method for b in C.batches(paper))
+
+
+def test_batches_are_handed_out_largest_estimated_work_first(tmp_path):
+    """So that parallel workers finish together: the grid's slowest fits start first."""
+    from cli import executor as X
+
+    seen = []
+
+    class Recording(X.LocalExecutor):
+        def map(self, fn, tasks):
+            tasks = list(tasks)
+            seen.extend(tasks)
+            yield from super().map(fn, tasks)
+
+    grid = small_grid(methods=["lora", "hira", "vera"], ranks=[2, 4], targets=["random"])
+    assert S.run_sweep(grid, tmp_path, figure=False, executor=Recording())["complete"]
+    work = [C.cost(b) for b in seen]
+    assert work == sorted(work, reverse=True)
+    assert [(b.cells[0].method, b.cells[0].rank) for b in seen] == \
+        [("vera", 2), ("hira", 4), ("hira", 2), ("lora", 2), ("lora", 4)]
 
 
 def test_width_one_factors_and_odd_sizes_give_the_same_numbers_in_a_batch_as_alone(tmp_path):

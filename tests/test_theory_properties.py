@@ -213,6 +213,38 @@ def test_delta_of_a_stack_equals_stack_of_single_deltas(name, m, n, data):
                                        rtol=1e-12, atol=1e-12)
 
 
+SAME = [n for n in METHODS if theory.get_method(n).same_update(theory.get_method(n).config())]
+
+
+@pytest.mark.parametrize("name", SAME)
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(m=st.integers(1, 24), n=st.integers(1, 24), data=st.data())
+def test_a_declared_same_update_is_the_same_function_of_the_same_factors(name, m, n, data):
+    """``same_update`` (a sweep then fits the two once): same factor names and shapes,
+    the same ΔW bit for bit, the same count and bound; the generic starts the same."""
+    meth = theory.get_method(name)
+    cfg = config_at_rank(meth, m, n, data.draw(st.integers(1, min(m, n)), label="r"))
+    assume(cfg is not None)
+    same = meth.same_update(cfg)
+    assume(same is not None)
+    other, ocfg = theory.get_method(same[0]), same[1]
+    w0 = random_w0(m, n, seed=m * n + 1)
+    p = meth.init(w0, cfg, 3, "gaussian")
+    q = other.init(w0, ocfg, 3, "gaussian")
+    assert {k: v.shape for k, v in p.items()} == {k: v.shape for k, v in q.items()}
+    assert all(torch.equal(p[k], q[k]) for k in p)
+    assert torch.equal(meth.delta(p, w0, cfg), other.delta(p, w0, ocfg))
+    assert meth.n_params(m, n, cfg) == other.n_params(m, n, ocfg)
+    assert meth.rank_bound(m, n, min(m, n), cfg) == other.rank_bound(m, n, min(m, n), ocfg)
+
+
+def test_loha_is_abba_at_r1_r2_r_only_without_alpha():
+    loha = theory.get_method("loha")
+    assert loha.same_update(loha.config(r=5)) == ("abba", theory.get_method("abba").config(r1=5, r2=5))
+    assert loha.same_update(loha.config(r=5, alpha=10.0)) is None
+    assert SAME == ["loha"]
+
+
 @pytest.mark.parametrize("name", METHODS)
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(m=dims, n=dims, data=st.data())

@@ -182,6 +182,13 @@ class Method(ABC):
     #: (B, A) = ``lora_term`` and s = ``config.scale``; None: neither
     row_form: ClassVar[tuple[str, str] | None] = None
 
+    def same_update(self, config: Config) -> tuple[str, Config] | None:
+        """Another registered (method, config) whose ``delta`` is this one's: the same
+        function of factors with the same names and shapes (only the methods' own "paper"
+        inits differ), so a reconstruction fit of one is a fit of the other and a sweep
+        fits them once (``reconstruction.cells``). None when there is none."""
+        return None
+
     def embed_lora(self, params: Params, w0: Tensor, config: Config) -> Params:
         """``params`` with every factor but ``lora_term`` set so that ΔW = s·B A exactly
         (s = ``config.scale``); only for methods with a ``lora_term``."""

@@ -276,26 +276,30 @@ def value_and_grad(M: Tensor, st: Structure):
 
 def dense_value_and_grad(M: Tensor, st: Structure):
     """The same errors and gradients through ΔW itself, written out, for r1 r2 too large
-    for the Khatri-Rao expansion: with P1 = B1 A1, P2 = B2 A2, R = s P1 ⊙ P2 − M and
-    G = 2 s R / ‖M‖²,
+    for the Khatri-Rao expansion: with P1 = B1 A1, P2 = B2 A2, N = M − s P1 ⊙ P2 (minus
+    the residual) and w = 2 s / ‖M‖²,
 
-        ∂e/∂B1 = (G ⊙ P2) A1ᵀ,  ∂e/∂A1 = B1ᵀ (G ⊙ P2),  and the same for pair 2 with P1:
+        e = ‖N‖² / ‖M‖²,   ∂e/∂B1 = −w (N ⊙ P2) A1ᵀ,  ∂e/∂A1 = −w B1ᵀ (N ⊙ P2),
 
-    six GEMMs of m n r, as autograd does, without its graph and saved tensors.
-    Returns fn(params) -> (e (b,), {name: gradient}), to be called under no_grad."""
+    and the same for pair 2 with P1: six GEMMs of m n r, as autograd does, and four
+    element-wise passes over m×n (N in one fused multiply-add, ‖N‖² as float32 row sums
+    added in float64, the two products; w scales the small GEMM outputs), half those of
+    the plain expression, which cost more than the GEMMs at 1000×1000 (``reconstruction.bench
+    --only g``). Returns fn(params) -> (e (b,), {name: gradient}), to be called under no_grad."""
     s = float(st.scale)
     nrm = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)  # (b,)
-    w = (2 * s / nrm).to(M.dtype)[:, None, None]
+    w = (-2 * s / nrm).to(M.dtype)[:, None, None]  # (b, 1, 1), the sign of −N
     own = names(st)
 
     def fn(params: Params) -> tuple[Tensor, Params]:
         B1, A1, B2, A2 = (params[k] for k in own)
         P1, P2 = B1 @ A1, B2 @ A2  # (b, m, n)
-        R = s * (P1 * P2) - M
-        e = (R * R).sum((-2, -1), dtype=torch.float64) / nrm
-        G = R.mul_(w)  # ∂e/∂(P1 ⊙ P2) times s, in place of R
-        G2, G1 = G * P1, G.mul_(P2)  # ∂e/∂P2, ∂e/∂P1
-        return e, dict(zip(own, (G1 @ A1.mT, B1.mT @ G1, G2 @ A2.mT, B2.mT @ G2)))
+        N = torch.addcmul(M, P1, P2, value=-s)  # M − s P1 ⊙ P2
+        e = (N * N).sum(-1).sum(-1, dtype=torch.float64) / nrm  # (b,)
+        G2 = N * P1  # ∂e/∂P2 / w
+        G1 = N.mul_(P2)  # ∂e/∂P1 / w, in place of N
+        return e, dict(zip(own, (w * (G1 @ A1.mT), w * (B1.mT @ G1),
+                                 w * (G2 @ A2.mT), w * (B2.mT @ G2))))
 
     return fn
 

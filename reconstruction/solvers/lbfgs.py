@@ -15,7 +15,11 @@ doubled while the error keeps falling, so a badly scaled gradient (the factors'
 scale is arbitrary) does not leave the first steps far too short.
 
 A pair with s_kᵀ y_k <= 1e-10 ‖s_k‖ ‖y_k‖ is not stored (the inverse-Hessian estimate
-stays positive definite); a direction that is not a descent direction (gᵀd >= 0)
+stays positive definite): the targets share one ring of H slots, iteration k writing
+slot (k − 1) mod H for all of them, an empty pair (ρ = 0, adding nothing) where a target
+stores none, so the two-loop reads whole slots, not a gather per target (at 1000×1000,
+r1 = r2 = 36 that gather and the unfused vector updates cost more than the error and
+gradient themselves); γ comes from the newest pair stored; a direction that is not a descent direction (gᵀd >= 0)
 falls back to −g. A target stops when its error improved by less than ``tol``
 (relative) over ``window`` iterations, or when 30 halvings find no decrease.
 Every trial point of every target is evaluated in one batched call: the error and
@@ -85,10 +89,13 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
 
     x = torch.cat([params0[k].detach().reshape(b, -1) for k in names], 1).double()  # (b, P)
     e, g = evaluate(x)
+    # the pairs of every target in one ring: iteration k writes slot (k - 1) % history for
+    # all targets, an empty pair (rho = 0, zeros) where a target stored none, so the
+    # two-loop reads contiguous slots (no per-target gather) and an empty pair adds nothing
     S = torch.zeros(history, b, x.shape[1], dtype=torch.float64, device=dev)  # s_k
     Y = torch.zeros_like(S)  # y_k
     rho = torch.zeros(history, b, dtype=torch.float64, device=dev)  # 1 / s_kᵀ y_k, 0 = empty
-    age = torch.zeros(history, b, dtype=torch.long, device=dev)  # when a slot was written
+    gamma = torch.ones(b, dtype=torch.float64, device=dev)  # sᵀy / yᵀy of the newest pair
     active = torch.isfinite(e) & (e < BLOWUP)
     diverged = ~active.clone()
     window = window or 10
@@ -97,30 +104,20 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
     bar = tqdm(total=steps, disable=not progress, desc=f"lbfgs {method.name}", leave=False)
     k = 0
     its = torch.zeros(b, dtype=torch.long, device=dev)
-    ar = torch.arange(b, device=dev)
+    alpha = torch.zeros(history, b, dtype=torch.float64, device=dev)
     for k in range(1, steps + 1):
         its.masked_fill_(active, k)
-        # two-loop recursion over the stored pairs, newest first (per target order)
-        order = torch.argsort(age, dim=0, descending=True)  # (history, b)
+        # two-loop recursion over the stored pairs, newest first
+        newest_first = [(k - 2 - j) % history for j in range(min(history, k - 1))]
         q = g.clone()
-        alpha = torch.zeros(history, b, dtype=torch.float64, device=dev)
-        for j in range(history):
-            i = order[j]  # (b,) slot of the j-th newest pair of each target
-            s_i, y_i = S[i, ar], Y[i, ar]
-            a = rho[i, ar] * (s_i * q).sum(1)
-            alpha[j] = a
-            q -= a[:, None] * y_i
-        newest = order[0]
-        s0, y0 = S[newest, ar], Y[newest, ar]
-        yy = (y0 * y0).sum(1)
-        gamma = torch.where((rho[newest, ar] > 0) & (yy > 0),
-                            (s0 * y0).sum(1) / yy.clamp_min(1e-300), torch.ones_like(yy))
+        for i in newest_first:
+            a = rho[i] * (S[i] * q).sum(1)  # (b,)
+            alpha[i] = a
+            q.addcmul_(a[:, None], Y[i], value=-1.0)
         r = gamma[:, None] * q
-        for j in reversed(range(history)):
-            i = order[j]
-            s_i, y_i = S[i, ar], Y[i, ar]
-            beta = rho[i, ar] * (y_i * r).sum(1)
-            r += s_i * (alpha[j] - beta)[:, None]
+        for i in reversed(newest_first):
+            beta = rho[i] * (Y[i] * r).sum(1)
+            r.addcmul_((alpha[i] - beta)[:, None], S[i])
         d = -r
         slope = (g * d).sum(1)  # (b,)
         bad = ~(slope < 0) | ~torch.isfinite(slope)
@@ -133,7 +130,7 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         todo = active.clone()
         e_new, g_new, x_new = e.clone(), g.clone(), x.clone()
         for _ in range(HALVINGS):
-            xt = x + t[:, None] * d
+            xt = torch.addcmul(x, t[:, None], d)
             et, gt = evaluate(xt)
             ok = todo & (et <= e + C1 * t * slope)
             e_new = torch.where(ok, et, e_new)
@@ -149,7 +146,7 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         grow = first & active & ~todo & (t == 1.0 / (g.norm(dim=1) + 1e-300))
         for _ in range(HALVINGS if bool(grow.any()) else 0):
             t = torch.where(grow, 2 * t, t)
-            xt = x + t[:, None] * d
+            xt = torch.addcmul(x, t[:, None], d)
             et, gt = evaluate(xt)
             ok = grow & (et < e_new)
             e_new = torch.where(ok, et, e_new)
@@ -162,12 +159,13 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         moved = active & ~failed
         s, y = x_new - x, g_new - g
         sy = (s * y).sum(1)
+        yy = (y * y).sum(1)
         store = moved & (sy > 1e-10 * s.norm(dim=1) * y.norm(dim=1))
-        slot = torch.argmin(torch.where(rho > 0, age, torch.full_like(age, -1)), dim=0)  # oldest or empty
-        S[slot[store], ar[store]] = s[store]
-        Y[slot[store], ar[store]] = y[store]
-        rho[slot[store], ar[store]] = 1.0 / sy[store]
-        age[slot[store], ar[store]] = k
+        slot = (k - 1) % history
+        S[slot] = torch.where(store[:, None], s, 0.0)
+        Y[slot] = torch.where(store[:, None], y, 0.0)
+        rho[slot] = torch.where(store, 1.0 / torch.where(store, sy, 1.0), 0.0)
+        gamma = torch.where(store & (yy > 0), sy / yy.clamp_min(1e-300), gamma)
         x, e, g = x_new, e_new, g_new
         H[k] = e
         active &= ~failed

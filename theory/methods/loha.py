@@ -59,6 +59,14 @@ class LoHa(Method):
     def validate(self, m, n, config):
         check_rank(self.name, config.r, min(m, n), "r", m, n)
 
+    def same_update(self, config: LohaConfig):
+        """Without α (s = 1), LoHa at rank r is ABBA at r1 = r2 = r, factor for factor."""
+        if config.alpha is not None:
+            return None
+        from ..registry import get_method
+
+        return "abba", get_method("abba").config(r1=config.r, r2=config.r)
+
     def init(self, w0: Tensor, config: LohaConfig, generator=None, scheme="paper") -> Params:
         m, n = check_matrix(w0, "W0")
         self.validate(m, n, config)
