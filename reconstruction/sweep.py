@@ -182,9 +182,10 @@ def run_sweep(grid: Grid, out: Path, *, max_cells: int | None = None,
     stopped = max_cells is not None and len(todo) > max_cells
     if max_cells is not None:
         todo = todo[:max_cells]
-    tasks = sorted(batches(todo, grid.device, batched), key=cost, reverse=True)  # largest first
-    work = {id(t): cost(t) for t in tasks}
-    work_left = sum(work.values())
+    tasks = batches(todo, grid.device, batched)
+    work = {id(t): cost(t) for t in tasks}  # estimated, for the order and the time left
+    tasks.sort(key=lambda t: work[id(t)], reverse=True)  # largest first
+    work_all = work_left = sum(work.values())
     meta = {"grid": {**dataclasses.asdict(grid), "shape": list(grid.shape)},
             "n_cells": len(cells), "notes": notes, "torch": torch.__version__,
             "executor": ex.kind}
@@ -217,8 +218,7 @@ def run_sweep(grid: Grid, out: Path, *, max_cells: int | None = None,
             rio.write_results(out, _table(cells, done), meta)
             elapsed = time.perf_counter() - t0
             work_left -= work.get(id(task), 0.0)
-            work_done = sum(work.values()) - work_left
-            left = elapsed / max(work_done, 1e-12) * work_left  # by the estimated work (``cost``)
+            left = elapsed / max(work_all - work_left, 1e-12) * work_left
             if bar is not None:
                 bar.update(len(recs))
                 bar.set_postfix_str(f"{task.label()}"[:60])

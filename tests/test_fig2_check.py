@@ -65,6 +65,9 @@ def test_every_cell_is_checked_against_a_baseline_sweep_and_one_worse_cell_fails
     cap = capsys.readouterr()
     assert "hira        equal      random      40  0.8000  0.8030  +0.0030  WORSE" in cap.out
     assert cap.err.strip() == "failed: 1 cell(s) worse than the baseline, 0 missing"
+    assert FC.main([str(tmp_path / "a"), "--baseline", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "none: no results file" in err
 
 
 @pytest.mark.parametrize("argv,says", [
