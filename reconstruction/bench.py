@@ -37,6 +37,9 @@ all measured in one run on one device (``--quick`` shrinks every size).
     what the Figure 2 grid runs at 1000×1000 for every ABBA and LoHa cell): the written-out
     expression as it was (eight element-wise passes over m×n) against the fused one (four),
     four targets, r1 = r2 = 36: time per evaluation, ratio, and how far the two disagree.
+(h) L-BFGS's state (``solvers.lbfgs``: iterate, gradient, curvature pairs) in float64, as it
+    was, against the factors' dtype (float32), the same Figure 2-sized problem as (g) from
+    the same start for the same iterations: time per iteration, ratio, and the errors of both.
 """
 
 from __future__ import annotations
@@ -486,6 +489,35 @@ def bench_dense_gradient(size: int, r: int, device: str, dtype, batch: int = 4) 
             "grad_rel_diff": max(float((g1[k] - g0[k]).abs().max() / g0[k].abs().max()) for k in g0)}
 
 
+def bench_lbfgs_state(size: int, r: int, iters: int, device: str, dtype, batch: int = 4) -> dict:
+    """(h) L-BFGS with a float64 state against one in the factors' dtype, same start."""
+    from .solvers import als_kr as _kr
+    from .solvers.common import structure
+    from .solvers.lbfgs import run_lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(batch, size, size, generator=g).to(device=device, dtype=dtype)
+    M = M / M.pow(2).mean((-2, -1), keepdim=True).sqrt()
+    meth = theory.get_method("abba")
+    cfg = meth.config(r1=r, r2=r)
+    p0 = {k: v.to(device=device, dtype=dtype) for k, v in
+          meth.init(torch.zeros(batch, size, size, dtype=torch.float64), cfg, 0, "gaussian").items()}
+    vg = _kr.dense_value_and_grad(M, structure(meth, p0, None, cfg))
+    row = {"bench": "lbfgs_state", "size": size, "r": r, "batch": batch, "iters": iters,
+           "dtype": str(dtype).replace("torch.", "")}
+    for name, sd in (("float64", torch.float64), ("factors", None)):
+        _sync(device)
+        t = time.perf_counter()
+        _p, hist, _k, _d = run_lbfgs(meth, M, None, cfg, p0, steps=iters, tol=0.0,
+                                     value_and_grad=vg, state_dtype=sd)
+        _sync(device)
+        row[name] = {"seconds": time.perf_counter() - t, "errors": [float(e) for e in hist[-1]]}
+    row["ratio"] = row["float64"]["seconds"] / max(row["factors"]["seconds"], 1e-12)
+    row["max_error_diff"] = max(abs(a - b) for a, b in zip(row["float64"]["errors"],
+                                                           row["factors"]["errors"]))
+    return row
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
@@ -499,14 +531,16 @@ SIZES = {
                  d=(4096, [1, 8, 64, 512, 4096]),
                  e=(256, [8, 16], None),
                  f=(1000, 72),
-                 g=(1000, 36)),
+                 g=(1000, 36),
+                 h=(1000, 36, 100)),
     "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
                   b=(192, {"als": (), "adam": (10, 110)}),
                   c=(64, 30, 1500, 150),
                   d=(512, [1, 64, 512]),
                   e=(40, [3, 6], 40),
                   f=(48, 6),
-                  g=(96, 8)),
+                  g=(96, 8),
+                  h=(96, 8, 40)),
 }
 
 
@@ -585,6 +619,15 @@ def report(results: list[dict]) -> str:
                 f"r1 = r2 = {r['r']}): plain {r['plain_s'] * 1e3:.2f} ms, fused {r['fused_s'] * 1e3:.2f} ms "
                 f"per evaluation ({r['ratio']:.2f}×); largest relative difference: error "
                 f"{r['error_rel_diff']:.1e}, gradient {r['grad_rel_diff']:.1e}")
+        elif r["bench"] == "lbfgs_state":
+            a, b = r["float64"], r["factors"]
+            lines.append(
+                f"(h) L-BFGS state ({r['size']}×{r['size']}, {r['batch']} targets, ABBA r1 = r2 = "
+                f"{r['r']}, {r['iters']} iterations, factors {r['dtype']}): float64 "
+                f"{a['seconds'] / r['iters'] * 1e3:.1f} ms, {r['dtype']} {b['seconds'] / r['iters'] * 1e3:.1f} ms "
+                f"per iteration ({r['ratio']:.2f}×); errors {', '.join(f'{e:.4f}' for e in a['errors'])} "
+                f"vs {', '.join(f'{e:.4f}' for e in b['errors'])} (largest difference "
+                f"{r['max_error_diff']:.1e})")
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")
@@ -603,8 +646,8 @@ def report(results: list[dict]) -> str:
 def build_parser() -> cli.Parser:
     ap = cli.Parser(prog="python -m reconstruction.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    ap.add_argument("--only", default="abcdeg",
-                    help="which benchmarks, e.g. 'ae' (default abcdeg; f, the stopping rule at "
+    ap.add_argument("--only", default="abcdegh",
+                    help="which benchmarks, e.g. 'ae' (default abcdegh; f, the stopping rule at "
                          "1000×1000, about half an hour on 2 cores, only when asked)")
     ap.add_argument("--solver", choices=("als", "adam", "both"), default="both",
                     help="solver(s) for (a) (default both)")
@@ -621,9 +664,9 @@ def main(argv=None) -> int:
     def work():
         device = cli.check_device(args.device)
         dtype = DTYPES[args.dtype]
-        bad = set(args.only) - set("abcdefg")
+        bad = set(args.only) - set("abcdefgh")
         if bad or not args.only:
-            raise ValueError(f"--only takes letters from 'abcdefg', got {args.only!r}")
+            raise ValueError(f"--only takes letters from 'abcdefgh', got {args.only!r}")
         cli.check_writable_file(args.json, "--json")
         S = SIZES["quick" if args.quick else "full"]
         smallest = min(v[0] for k, v in S.items() if k in args.only)
@@ -649,8 +692,9 @@ def main(argv=None) -> int:
             "e": lambda: bench_sweep(S["e"][0], S["e"][1], device, dtype, steps=S["e"][2]),
             "f": lambda: bench_stopping(S["f"][0], S["f"][1], device, dtype),
             "g": lambda: bench_dense_gradient(*S["g"], device, dtype),
+            "h": lambda: bench_lbfgs_state(*S["h"], device, dtype),
         }
-        for k in "abcdefg":
+        for k in "abcdefgh":
             if k in args.only:
                 got = todo[k]()
                 got = got if isinstance(got, list) else [got]

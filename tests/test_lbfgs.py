@@ -86,6 +86,32 @@ def test_lbfgs_recovers_an_exact_hadamard_target_and_lora_optimum():
     assert float(((lora.rel_error - opt) / opt).max()) < 1e-4
 
 
+def test_a_float32_state_ends_where_a_float64_state_does_and_stays_in_the_factors_dtype(monkeypatch):
+    """L-BFGS keeps its iterate, gradients and curvature pairs in the factors' dtype (half
+    the vector work in float32, ``python -m reconstruction.bench --only h``); from the same
+    float32 start a float64 state reaches the same errors."""
+    from reconstruction.solvers import lbfgs as L
+
+    M = make_target("random", (64, 48), batch=2, seed=6).M  # float32
+    c = theory.get_method("abba").config(r1=4, r2=4)
+    seen = []
+    real = L.run_lbfgs
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(kw.get("state_dtype"))
+        return out
+
+    monkeypatch.setattr(F, "run_lbfgs", spy)
+    f32 = fit("abba", M, c, solver="lbfgs", steps=300, tol=0)
+    monkeypatch.setattr(F, "run_lbfgs", lambda *a, **kw: spy(*a, **{**kw, "state_dtype": torch.float64}))
+    f64 = fit("abba", M, c, solver="lbfgs", steps=300, tol=0)
+    assert seen == [None, torch.float64]  # the default: the factors' dtype
+    assert f32.params["B1"].dtype == torch.float32
+    assert float((f32.rel_error - f64.rel_error).abs().max()) < 1e-3, (f32.rel_error, f64.rel_error)
+    assert bool((f32.history_per_target[1:] <= f32.history_per_target[:-1] + 1e-6).all())
+
+
 def test_auto_runs_khatri_rao_als_on_small_targets_at_small_r1_r2_and_lbfgs_otherwise():
     abba, loha = theory.get_method("abba"), theory.get_method("loha")
     assert F.auto_solver(abba, abba.config(r1=8, r2=8), 256, 256) == "als"

@@ -249,11 +249,11 @@ def test_jsonl_reader_skips_a_torn_last_line_and_appends_after_it(tmp_path):
 # --------------------------------------------------------------------------- #
 # bench
 # --------------------------------------------------------------------------- #
-def test_bench_quick_prints_the_six_benchmarks(tmp_path):
+def test_bench_quick_prints_every_default_benchmark(tmp_path):
     p = cli("--quick", "--json", str(tmp_path / "b.json"), module="reconstruction.bench",
             timeout=400)
     assert p.returncode == 0, p.stderr
-    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)", "(g)"):
+    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)", "(g)", "(h)"):
         assert tag in p.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     res = {r["bench"]: r for r in data["results"]}
@@ -272,6 +272,11 @@ def test_bench_quick_prints_the_six_benchmarks(tmp_path):
     # (g) the fused dense ABBA error and gradient are the plain expression's
     g = res["dense_gradient"]
     assert g["error_rel_diff"] < 1e-6 and g["grad_rel_diff"] < 1e-5 and g["ratio"] > 0
+    # (h) L-BFGS with a float64 state and with the factors' float32 one, same start: both
+    # end below the zero update's error (1), at about the same level
+    h = res["lbfgs_state"]
+    assert h["ratio"] > 0 and h["max_error_diff"] < 5e-3
+    assert all(e < 1.0 for e in h["float64"]["errors"] + h["factors"]["errors"])
 
 
 def test_live_bytes_mode_counts_peak_of_live_tensors():

@@ -51,7 +51,7 @@ def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
     if C is not None and CT is None:
         CT = C * T
     if C is not None and r >= CG_FROM:
-        return _row_cg(T, C, A, B_old, s, C2=C2, CT=CT)
+        return _row_cg(T, C, A, B_old, s, iters=CG_ITERS, C2=C2, CT=CT)
     if C is None:
         G = (A @ A.mT)[:, None]  # (b, 1, r, r)
         rhs = bmm(T, A.mT)  # (b, m, r)
@@ -59,11 +59,12 @@ def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
         # only the r(r+1)/2 distinct entries of the symmetric G_i: half the flops
         iu, ju = torch.triu_indices(r, r, device=A.device)
         KR = A[:, iu, :] * A[:, ju, :]  # (b, r(r+1)/2, n)
-        g = bmm(C2, KR.mT)  # (b, m, r(r+1)/2)
-        G = torch.zeros(b, m, r, r, dtype=g.dtype, device=g.device)
+        g = bmm(C2, KR.mT).double()  # (b, m, r(r+1)/2)
+        G = torch.empty(b, m, r, r, dtype=torch.float64, device=g.device)
         G[..., iu, ju] = g
         G[..., ju, iu] = g
         rhs = bmm(CT, A.mT)  # (b, m, r)
+        return solve_rows(G, rhs.double(), B_old, s, ridge, overwrite=True)
     return solve_rows(G.double(), rhs.double(), B_old, s, ridge)
 
 
