@@ -86,10 +86,10 @@ def test_lbfgs_recovers_an_exact_hadamard_target_and_lora_optimum():
     assert float(((lora.rel_error - opt) / opt).max()) < 1e-4
 
 
-def test_a_float32_state_ends_where_a_float64_state_does_and_stays_in_the_factors_dtype(monkeypatch):
-    """L-BFGS keeps its iterate, gradients and curvature pairs in the factors' dtype (half
-    the vector work in float32, ``python -m reconstruction.bench --only h``); from the same
-    float32 start a float64 state reaches the same errors."""
+def test_a_float32_fit_runs_lbfgs_in_its_own_dtype_and_ends_where_a_float64_state_does(monkeypatch):
+    """``fit`` leaves L-BFGS's state dtype at its default, the factors' (half the vector work
+    in float32, ``python -m reconstruction.bench --only h``); from the same float32 start a
+    float64 state reaches the same errors, and the float32 run never raises its error."""
     from reconstruction.solvers import lbfgs as L
 
     M = make_target("random", (64, 48), batch=2, seed=6).M  # float32

@@ -34,9 +34,9 @@ from .common import Params, Structure, bmm, lstsq_driver
 #: of Jacobi-preconditioned conjugate gradients (``_row_cg``) instead of forming every
 #: G_i: (2 CG_ITERS + 4) m n r flops of GEMM against m n r²/2 and a (b, m, r, r) float64
 #: tensor (166 MB at 1000×1000, r = 72, 4 targets). Two steps, not four: an inexact
-#: half-step still lowers every row's objective, and at 1000×1000, r = 72 (HiRA, the four
-#: Figure 2 targets, the stopping rule on) the fit took 43 s against 57 s with four, errors
-#: within 0.0002 (README, "Sweeps at scale")
+#: half-step still lowers every row's objective; HiRA's and HUT's 72 Figure 2 cells took
+#: 470 s of fitting against 577 s with four, no error higher by more than 0.0004
+#: (README, "Sweeps at scale")
 CG_FROM = 24
 CG_ITERS = 2
 
