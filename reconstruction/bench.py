@@ -36,7 +36,9 @@ all measured in one run on one device (``--quick`` shrinks every size).
 (g) ABBA's error and gradient for L-BFGS through ΔW (``solvers.als_kr.dense_value_and_grad``,
     what the Figure 2 grid runs at 1000×1000 for every ABBA and LoHa cell): the written-out
     expression as it was (eight element-wise passes over m×n) against the fused one (four),
-    four targets, r1 = r2 = 36: time per evaluation, ratio, and how far the two disagree.
+    and on a CPU the fused one against its row-blocked form (per target, 128 rows at a time,
+    every intermediate in cache: what a CPU runs), four targets, r1 = r2 = 36: time per
+    evaluation, ratios, and how far they disagree.
 (h) L-BFGS's state (``solvers.lbfgs``: iterate, gradient, curvature pairs) in float64, as it
     was, against the factors' dtype (float32), the same Figure 2-sized problem as (g) from
     the same start for the same iterations: time per iteration, ratio, and the errors of both.
@@ -467,7 +469,8 @@ def _plain_dense_value_and_grad(M: Tensor, s: float):
 
 
 def bench_dense_gradient(size: int, r: int, device: str, dtype, batch: int = 4) -> dict:
-    """(g) the plain against the fused dense ABBA error-and-gradient, same inputs."""
+    """(g) the plain, the fused batched and (on a CPU) the row-blocked dense ABBA
+    error-and-gradient, same inputs."""
     from .solvers import als_kr as _kr
     from .solvers.common import structure
 
@@ -477,16 +480,24 @@ def bench_dense_gradient(size: int, r: int, device: str, dtype, batch: int = 4) 
     cfg = meth.config(r1=r, r2=r)
     p = {k: v.to(device=device, dtype=dtype) for k, v in
          meth.init(torch.zeros(batch, size, size, dtype=torch.float64), cfg, 0, "gaussian").items()}
-    fused = _kr.dense_value_and_grad(M, structure(meth, p, None, cfg))
-    plain = _plain_dense_value_and_grad(M, float(cfg.scale))
-    e0, g0 = plain(p)
-    e1, g1 = fused(p)
-    t_plain = timeit(lambda: plain(p), device, repeat=10)
-    t_fused = timeit(lambda: fused(p), device, repeat=10)
-    return {"bench": "dense_gradient", "size": size, "r": r, "batch": batch,
-            "plain_s": t_plain, "fused_s": t_fused, "ratio": t_plain / max(t_fused, 1e-12),
-            "error_rel_diff": float(((e1 - e0).abs() / e0).max()),
-            "grad_rel_diff": max(float((g1[k] - g0[k]).abs().max() / g0[k].abs().max()) for k in g0)}
+    st = structure(meth, p, None, cfg)
+    fns = {"plain": _plain_dense_value_and_grad(M, float(cfg.scale)),
+           "fused": _kr.dense_value_and_grad(M, st, row_block=None)}
+    if torch.device(device).type == "cpu":
+        fns["blocked"] = _kr.dense_value_and_grad(M, st)
+    out = {name: fn(p) for name, fn in fns.items()}
+    times = {name: timeit(lambda fn=fn: fn(p), device, repeat=10) for name, fn in fns.items()}
+    e0, g0 = out["plain"]
+    row = {"bench": "dense_gradient", "size": size, "r": r, "batch": batch,
+           "plain_s": times["plain"], "fused_s": times["fused"],
+           "ratio": times["plain"] / max(times["fused"], 1e-12),
+           "error_rel_diff": max(float(((e - e0).abs() / e0).max()) for e, _ in out.values()),
+           "grad_rel_diff": max(float((gr[k] - g0[k]).abs().max() / g0[k].abs().max())
+                                for _, gr in out.values() for k in g0)}
+    if "blocked" in times:
+        row["blocked_s"] = times["blocked"]
+        row["blocked_ratio"] = times["fused"] / max(times["blocked"], 1e-12)
+    return row
 
 
 def bench_lbfgs_state(size: int, r: int, iters: int, device: str, dtype, batch: int = 4) -> dict:
@@ -617,8 +628,11 @@ def report(results: list[dict]) -> str:
             lines.append(
                 f"(g) ABBA error + gradient through ΔW ({r['size']}×{r['size']}, {r['batch']} targets, "
                 f"r1 = r2 = {r['r']}): plain {r['plain_s'] * 1e3:.2f} ms, fused {r['fused_s'] * 1e3:.2f} ms "
-                f"per evaluation ({r['ratio']:.2f}×); largest relative difference: error "
-                f"{r['error_rel_diff']:.1e}, gradient {r['grad_rel_diff']:.1e}")
+                f"per evaluation ({r['ratio']:.2f}×)"
+                + (f", row-blocked {r['blocked_s'] * 1e3:.2f} ms ({r['blocked_ratio']:.2f}× the fused)"
+                   if "blocked_s" in r else "")
+                + f"; largest relative difference: error {r['error_rel_diff']:.1e}, "
+                f"gradient {r['grad_rel_diff']:.1e}")
         elif r["bench"] == "lbfgs_state":
             a, b = r["float64"], r["factors"]
             lines.append(

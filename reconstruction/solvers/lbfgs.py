@@ -95,6 +95,13 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         gf = torch.cat([g[k].reshape(b, -1) for k in names], 1).to(sd).nan_to_num_(0.0, 0.0, 0.0)
         return e, gf
 
+    if dev.type == "cpu":  # per-target dot products: no (b, P) temporary, batch-blind
+        def dot(X: Tensor, Z: Tensor) -> Tensor:  # (b, P), (b, P) -> (b,)
+            return torch.stack([torch.dot(X[t], Z[t]) for t in range(b)])
+    else:  # one kernel over the batch
+        def dot(X: Tensor, Z: Tensor) -> Tensor:
+            return (X * Z).sum(1)
+
     x = torch.cat([params0[k].detach().reshape(b, -1) for k in names], 1).to(sd)  # (b, P)
     e, g = evaluate(x)
     # the pairs of every target in one ring: iteration k writes slot (k - 1) % history for
@@ -119,19 +126,19 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         newest_first = [(k - 2 - j) % history for j in range(min(history, k - 1))]
         q = g.clone()
         for i in newest_first:
-            a = rho[i] * (S[i] * q).sum(1)  # (b,)
+            a = rho[i] * dot(S[i], q)  # (b,)
             alpha[i] = a
             q.addcmul_(a[:, None], Y[i], value=-1.0)
         r = q.mul_(gamma[:, None])  # H⁰ q, in place
         for i in reversed(newest_first):
-            beta = rho[i] * (Y[i] * r).sum(1)
+            beta = rho[i] * dot(Y[i], r)
             r.addcmul_((alpha[i] - beta)[:, None], S[i])
         # the direction is d = −r; a target whose d is no descent direction takes −g
-        slope = -(g * r).sum(1)  # (b,) gᵀd
+        slope = -dot(g, r)  # (b,) gᵀd
         bad = ~(slope < 0) | ~torch.isfinite(slope)
         if bool(bad.any()):
             r = torch.where(bad[:, None], g, r)
-            slope = torch.where(bad, -(g * g).sum(1), slope)
+            slope = torch.where(bad, -dot(g, g), slope)
         first = (rho > 0).sum(0) == 0  # no curvature pair yet: the step length is unknown
         t0 = 1.0 / g.norm(dim=1).clamp_min(tiny)  # |t0 d| = 1 along −g
         t = torch.where(first, t0, torch.ones_like(t0))
@@ -174,16 +181,14 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
                 break
         failed = todo  # no decrease found: the target has converged (or is stuck)
         moved = active & ~failed
-        s, y = x_new - x, g_new - g
-        sy = (s * y).sum(1)
-        yy = (y * y).sum(1)
-        store = moved & (sy > 1e-10 * s.norm(dim=1) * y.norm(dim=1)) & torch.isfinite(1.0 / sy)
         slot = (k - 1) % history
-        if bool(store.all()):
-            S[slot], Y[slot] = s, y
-        else:
-            S[slot] = torch.where(store[:, None], s, 0.0)
-            Y[slot] = torch.where(store[:, None], y, 0.0)
+        s = torch.sub(x_new, x, out=S[slot])  # the pair, written into its slot
+        y = torch.sub(g_new, g, out=Y[slot])
+        sy, ss, yy = dot(s, y), dot(s, s), dot(y, y)
+        store = moved & (sy > 1e-10 * (ss * yy).sqrt()) & torch.isfinite(1.0 / sy)
+        if not bool(store.all()):  # an empty pair where a target stores none
+            S[slot].masked_fill_(~store[:, None], 0.0)
+            Y[slot].masked_fill_(~store[:, None], 0.0)
         rho[slot] = torch.where(store, 1.0 / torch.where(store, sy, 1.0), 0.0)
         gamma = torch.where(store & (yy > 0), sy / yy.clamp_min(tiny), gamma)
         x, e, g = x_new, e_new, g_new
