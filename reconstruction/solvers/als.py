@@ -62,10 +62,13 @@ def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
         # only the r(r+1)/2 distinct entries of the symmetric G_i: half the flops
         iu, ju = torch.triu_indices(r, r, device=A.device)
         KR = A[:, iu, :] * A[:, ju, :]  # (b, r(r+1)/2, n)
-        g = bmm(C2, KR.mT).double()  # (b, m, r(r+1)/2)
-        G = torch.empty(b, m, r, r, dtype=torch.float64, device=g.device)
-        G[..., iu, ju] = g
-        G[..., ju, iu] = g
+        g = bmm(C2, KR.mT)  # (b, m, r(r+1)/2)
+        # G[i, j] = g[pos(min(i, j), max(i, j))]: one gather (a scatter into both
+        # triangles cost as much as the Cholesky)
+        pos = torch.empty(r, r, dtype=torch.long, device=A.device)
+        pos[iu, ju] = torch.arange(iu.numel(), device=A.device)
+        pos[ju, iu] = pos[iu, ju]
+        G = g.index_select(-1, pos.flatten()).double().view(b, m, r, r)
         rhs = bmm(CT, A.mT)  # (b, m, r)
         return solve_rows(G, rhs.double(), B_old, s, ridge, overwrite=True)
     return solve_rows(G.double(), rhs.double(), B_old, s, ridge)
@@ -196,8 +199,11 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
     """One sweep (every B then its A, pair by pair). Targets with active[b] False
     keep their factors. Returns new params. ``memo`` (a dict the caller keeps from sweep
     to sweep) holds what does not change: the form's target M + offset, and for a term
-    of one pair its C ⊙ C (and C ⊙ T when it is the only term). With several terms, the
-    others' sum is kept and updated as each term changes (K products per sweep, not K²)."""
+    of one pair its C ⊙ C (and C ⊙ T when it is the only term). With several terms the
+    sweep carries the residual R = M + offset − s Σ_u prod_u: a term's own target is
+    T = R + s prod_t (one pass), C ⊙ T is formed once for its B and A steps, and after
+    the update R = T − s prod_t(new) (one pass), so the sweep leaves its error
+    ‖R‖² / ‖M‖² in ``memo["error"]`` (b,) float64 without another ΔW."""
     memo = {} if memo is None else memo
     p = dict(params)
     s = st.scale
@@ -205,11 +211,16 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
     if "base" not in memo:
         memo["base"] = M if st.offset is None else M + st.offset  # the form's own target
     base = memo["base"]
-    prods = [st.product(p, u) for u in range(nt)] if nt > 1 else None
-    total = sum(prods) if nt > 1 else None
+    memo.pop("error", None)
+    prods = R = None
+    if nt > 1:
+        prods = [st.product(p, u) for u in range(nt)]
+        R = base.clone()
+        for pr in prods:
+            R.add_(pr, alpha=-s)  # (b, m, n) M + offset − s Σ prod_u
     for t, q in order:
         bn, an = st.terms[t].pairs[q]
-        T = base if nt == 1 else base - s * (total - prods[t])
+        T = base if nt == 1 else torch.add(R, prods[t], alpha=s)  # the others' residual
         C = st.product(p, t, skip=q)  # (b, m, n) or None
         fixed = C is not None and C is st.terms[t].fixed  # a one-pair term: C = F_t
         C2 = CT = None
@@ -217,6 +228,8 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
             C2 = memo.setdefault(("C2", t), C * C)
             if nt == 1:
                 CT = memo.setdefault(("CT", t), C * T)
+        if C is not None and CT is None:
+            CT = C * T  # shared by the B and the A step
         # B step
         B, A = _orth_rows(p[bn], p[an])
         Bn = _row_solve(T, C, A, B, s, ridge, C2=C2, CT=CT)
@@ -227,10 +240,13 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
         keep = ~active
         p[bn] = torch.where(keep[:, None, None], params[bn], Bq)
         p[an] = torch.where(keep[:, None, None], params[an], An)
-        if nt > 1:  # this term's new product, into the sum of the others
-            new = st.product(p, t)
-            total = total - prods[t] + new
-            prods[t] = new
+        if nt > 1:  # this term's new product, out of the residual
+            prods[t] = st.product(p, t)
+            R = torch.add(T, prods[t], alpha=-s, out=T)  # T is this step's own tensor
+    if R is not None:
+        if "norm" not in memo:
+            memo["norm"] = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
+        memo["error"] = R.pow(2).sum((-2, -1), dtype=torch.float64) / memo["norm"]
     # rebalance the pairs of each Hadamard term to equal Frobenius norms
     for term in st.terms:
         if len(term.pairs) < 2:
