@@ -157,3 +157,35 @@ def test_tracked_rank1_split_is_the_best_rank1_projection_of_each_row():
     torch.testing.assert_close(tracked, best, rtol=1e-6, atol=1e-8)
     few, _ = _rank1_track(Z, 4, 3, v0 / v0.norm(dim=-1, keepdim=True), power=1)
     assert float((few - best).abs().max()) > 1e-3  # one step from a random v is not there yet
+
+
+def test_remembered_decomposition_is_bit_identical_and_keyed_on_content():
+    """A start's decomposition of M is computed once per target (a sweep fits each target
+    many times) and is exactly what the decomposition gives; any change of M misses."""
+    from reconstruction.run import config_for
+    from reconstruction.solvers import common
+
+    calls = []
+
+    def eig(Z):
+        calls.append(1)
+        return torch.linalg.eigh(Z @ Z.mT)[1]
+
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(2, 40, 30, generator=g, dtype=torch.float64)
+    first = common.remembered("test eigh", Z, eig)
+    again = common.remembered("test eigh", Z.clone(), eig)
+    assert len(calls) == 1 and again is first
+    assert torch.equal(first, torch.linalg.eigh(Z @ Z.mT)[1])
+    Z2 = Z.clone()
+    Z2[1, 5, 7] += 1e-12
+    assert not torch.equal(common.remembered("test eigh", Z2, eig), first) and len(calls) == 2
+    # the same start from the spectral init, with and without the memory
+    M = make_target("sparse", (48, 40), batch=2, seed=1).M
+    meth = theory.get_method("abba")
+    cfg = config_for(meth, 48, 40, 8)[0]
+    w0 = torch.randn(2, 48, 40, generator=g) / 40 ** 0.5
+    a = initial_params(meth, M, w0, cfg, 0, "spectral")
+    common._DECOMP.clear()
+    b = initial_params(meth, M, w0, cfg, 0, "spectral")
+    assert all(torch.equal(a[k], b[k]) for k in a)
