@@ -62,13 +62,13 @@ def _row_solve(T: Tensor, C: Tensor | None, A: Tensor, B_old: Tensor, s: float,
         # only the r(r+1)/2 distinct entries of the symmetric G_i: half the flops
         iu, ju = torch.triu_indices(r, r, device=A.device)
         KR = A[:, iu, :] * A[:, ju, :]  # (b, r(r+1)/2, n)
-        g = bmm(C2, KR.mT)  # (b, m, r(r+1)/2)
+        g = bmm(C2, KR.mT).contiguous()  # (b, m, r(r+1)/2)
         # G[i, j] = g[pos(min(i, j), max(i, j))]: one gather (a scatter into both
         # triangles cost as much as the Cholesky)
         pos = torch.empty(r, r, dtype=torch.long, device=A.device)
         pos[iu, ju] = torch.arange(iu.numel(), device=A.device)
         pos[ju, iu] = pos[iu, ju]
-        G = g.index_select(-1, pos.flatten()).double().view(b, m, r, r)
+        G = g.index_select(-1, pos.flatten()).double().reshape(b, m, r, r)
         rhs = bmm(CT, A.mT)  # (b, m, r)
         return solve_rows(G, rhs.double(), B_old, s, ridge, overwrite=True)
     return solve_rows(G.double(), rhs.double(), B_old, s, ridge)
@@ -84,12 +84,12 @@ def _row_cg(T: Tensor, C: Tensor, A: Tensor, B_old: Tensor, s: float, iters: int
     B_old all the same. T, C: (b, m, n); A: (b, r, n); B_old: (b, m, r)."""
     C2 = C * C if C2 is None else C2  # (b, m, n)
     At = A.mT  # (b, n, r)
-    rhs = ((C * T if CT is None else CT) @ At).double() / s  # (b, m, r): G x = rhs / s
-    D = (C2 @ (A * A).mT).double()  # (b, m, r): diag of every G_i
+    rhs = bmm(C * T if CT is None else CT, At).double() / s  # (b, m, r): G x = rhs / s
+    D = bmm(C2, (A * A).mT).double()  # (b, m, r): diag of every G_i
     D = torch.where(D > 0, D, torch.ones_like(D))
 
     def G(X: Tensor) -> Tensor:  # (b, m, r) float64 -> G_i x_i for every row
-        return (((X.to(A.dtype) @ A) * C2) @ At).double()
+        return bmm((X.to(A.dtype) @ A).mul_(C2), At).double()
 
     def obj(X: Tensor, GX: Tensor) -> Tensor:  # row objective / s² minus const
         return (X * GX).sum(-1) - 2 * (X * rhs).sum(-1)
