@@ -606,7 +606,7 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
             p = _als.als_sweep(st, M, p, order, active, memo=memo)
             e = memo.get("error")  # several terms: the sweep's own residual
             if e is None:
-                e = _als.rel_error(M, st.delta(p))
+                e = _als.structure_error(st, M, p)
             if extrapolate and k >= 2:
                 p, e, beta = _als.extrapolate(st, M, prev, p, e, beta, active, names)
             hist[k] = torch.where(active, e, hist[k - 1])

@@ -266,6 +266,45 @@ def rel_error(M: Tensor, D: Tensor) -> Tensor:
     return (M - D).pow(2).sum((-2, -1), dtype=torch.float64) / den
 
 
+#: rows of M per block of ``structure_error`` on one CPU thread (as ``als_kr.ROW_BLOCK``)
+ROW_BLOCK = 128
+
+
+def structure_error(st: Structure, M: Tensor, params: Params) -> Tensor:
+    """``rel_error(M, st.delta(params))`` (b,) float64, without forming ΔW: on one CPU
+    thread, per target and ``ROW_BLOCK`` rows at a time, R = M + offset − s Σ_t F_t ⊙
+    Π_q B_q A_q in a cache-resident block, its squared row norms summed in float32 per
+    row and in float64 over rows; elsewhere (a GPU, several threads) through ΔW."""
+    if M.device.type != "cpu" or torch.get_num_threads() != 1:
+        return rel_error(M, st.delta(params))
+    b, m, n = M.shape
+    s = float(st.scale)
+    rows = min(ROW_BLOCK, m)
+    R_buf = torch.empty(rows, n, dtype=M.dtype)
+    P_buf = torch.empty(rows, n, dtype=M.dtype)
+    Q_buf = torch.empty(rows, n, dtype=M.dtype)
+    row_sq = torch.empty(b, m, dtype=M.dtype)
+    for t in range(b):
+        for i in range(0, m, rows):
+            k = min(rows, m - i)
+            R, P, Q = R_buf[:k], P_buf[:k], Q_buf[:k]
+            R.copy_(M[t, i:i + k])
+            if st.offset is not None:
+                R.add_(st.offset[t, i:i + k])
+            for term in st.terms:
+                for q, (bn, an) in enumerate(term.pairs):
+                    if q == 0:
+                        torch.mm(params[bn][t, i:i + k], params[an][t], out=P)
+                    else:
+                        P.mul_(torch.mm(params[bn][t, i:i + k], params[an][t], out=Q))
+                if term.fixed is not None:
+                    P.mul_(term.fixed[t, i:i + k])
+                R.add_(P, alpha=-s)
+            torch.sum(R.mul_(R), -1, out=row_sq[t, i:i + k])
+    nrm = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
+    return row_sq.sum(-1, dtype=torch.float64) / nrm
+
+
 def extrapolate(st: Structure, M: Tensor, prev: Params, cur: Params, err: Tensor, beta: Tensor,
                 active: Tensor, names: list[str]) -> tuple[Params, Tensor, Tensor]:
     """Line-search acceleration (as for CP-ALS, Bro 1998): try cur + β (cur − prev) on
@@ -277,7 +316,7 @@ def extrapolate(st: Structure, M: Tensor, prev: Params, cur: Params, err: Tensor
     cand = dict(cur)
     for k in names:
         cand[k] = cur[k] + bsh.to(cur[k]) * (cur[k] - prev[k])
-    e2 = rel_error(M, st.delta(cand))
+    e2 = structure_error(st, M, cand)
     ok = active & torch.isfinite(e2) & (e2 < err)
     out = dict(cur)
     for k in names:

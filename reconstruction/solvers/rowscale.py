@@ -34,6 +34,8 @@ def value_and_grad(method, M: Tensor, w0: Tensor, config):
     s = float(getattr(config, "scale", 1.0))
     nrm = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)  # (b,)
     w = (2.0 / nrm).to(M.dtype)[:, None, None]
+    if M.device.type == "cpu" and torch.get_num_threads() == 1:
+        return _blocked(kind, (v_name, b_name, a_name), M, w0, s, nrm, w)
 
     def fn(p: Params) -> tuple[Tensor, Params]:
         B, A, v = p[b_name], p[a_name], p[v_name]  # (b, m, r), (b, r, n), (b, m)
@@ -56,5 +58,52 @@ def value_and_grad(method, M: Tensor, w0: Tensor, config):
             raise ValueError(f"{method.name}: unknown row_form {kind!r}")
         e = (R * R).sum((-2, -1), dtype=torch.float64) / nrm
         return e, {v_name: gv, b_name: s * bmm(GV, A.mT), a_name: s * (B.mT @ GV)}
+
+    return fn
+
+
+#: rows per block of the one-thread CPU evaluation (as ``als_kr.ROW_BLOCK``)
+ROW_BLOCK = 128
+
+
+def _blocked(kind: str, names: tuple[str, str, str], M: Tensor, w0: Tensor, s: float,
+             nrm: Tensor, w: Tensor, rows: int = ROW_BLOCK):
+    """The same error and gradients target by target, ``rows`` rows at a time (every
+    quantity above is row-wise: α_i, ‖V_i‖, c_i), so each block's m×n intermediates stay in
+    cache; 2-3× faster on one CPU thread at 1000×1000 than the batched expression, and a
+    target's numbers do not depend on its batch."""
+    v_name, b_name, a_name = names
+    b, m, n = M.shape
+    rows = max(1, min(rows, m))
+    tiny = torch.finfo(M.dtype).tiny
+
+    def fn(p: Params) -> tuple[Tensor, Params]:
+        B, A, v = p[b_name], p[a_name], p[v_name]  # (b, m, r), (b, r, n), (b, m)
+        gB, gA, gv = torch.empty_like(B), torch.zeros_like(A), torch.empty_like(v)
+        row_sq = torch.empty(b, m, dtype=M.dtype, device=M.device)  # ‖R_i‖² per row
+        for t in range(b):
+            At, wt = A[t], w[t]  # (r, n), (1, 1)
+            for i in range(0, m, rows):
+                I = slice(i, min(i + rows, m))
+                W0, Mi, vi = w0[t, I], M[t, I], v[t, I]  # (k, n), (k, n), (k,)
+                L = torch.mm(B[t, I], At)  # (k, n)
+                if kind == "scaled_base":
+                    R = torch.mul(W0, (vi - 1.0)[:, None]).add_(L, alpha=s).sub_(Mi)  # ΔW − M
+                    GV = R * wt  # ∂e/∂ΔW
+                    gv[t, I] = (GV * W0).sum(-1)
+                else:  # weight_norm
+                    V = torch.add(W0, L, alpha=s)
+                    norm = torch.linalg.vector_norm(V, dim=-1).clamp_min(tiny)  # (k,)
+                    c = vi / norm
+                    R = (c[:, None] * V).sub_(W0).sub_(Mi)
+                    G = R * wt
+                    gvv = (G * V).sum(-1)  # ⟨G_i, V_i⟩
+                    gv[t, I] = gvv / norm
+                    GV = G.sub_((gvv / (norm * norm))[:, None] * V).mul_(c[:, None])
+                row_sq[t, I] = (R * R).sum(-1)
+                torch.mm(GV, At.mT, out=gB[t, I])
+                gA[t].addmm_(B[t, I].mT, GV)
+        e = row_sq.sum(-1, dtype=torch.float64) / nrm
+        return e, {v_name: gv, b_name: gB.mul_(s), a_name: gA.mul_(s)}
 
     return fn
