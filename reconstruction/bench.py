@@ -42,6 +42,13 @@ all measured in one run on one device (``--quick`` shrinks every size).
 (h) L-BFGS's state (``solvers.lbfgs``: iterate, gradient, curvature pairs) in float64, as it
     was, against the factors' dtype (float32), the same Figure 2-sized problem as (g) from
     the same start for the same iterations: time per iteration, ratio, and the errors of both.
+(i) one CPU thread, what each worker of the Figure 2 grid runs (1000×1000, four targets):
+    the ALS families' error per sweep through ΔW (``als.rel_error(M, st.delta(p))``, as it
+    was) against ``als.structure_error`` (row blocks, no ΔW), for HiRA (r = 72) and SMoA
+    (K = 4, r_k = 18); DoRA's and α-LoRA's error and gradient (``solvers.rowscale``, r = 72)
+    batched against row-blocked; an ALS B and A half-step at r = 4 (SMoA's r_k at the budget
+    of rank 16) with the narrow factor on the left of the normal-equation products
+    (``common.bmm``) against the plain product: time per call, ratios, largest differences.
 """
 
 from __future__ import annotations
@@ -500,6 +507,92 @@ def bench_dense_gradient(size: int, r: int, device: str, dtype, batch: int = 4) 
     return row
 
 
+def bench_blocked(size: int, device: str, dtype, batch: int = 4) -> dict:
+    """(i) the one-thread evaluations, each against what it replaced, same inputs."""
+    from .solvers import als as _als
+    from .solvers import common as _common
+    from .solvers import rowscale as _rs
+    from .solvers.common import Structure, Term
+
+    if torch.device(device).type != "cpu":
+        return {"bench": "blocked", "skipped": "CPU only (a GPU runs the batched expressions)"}
+    old_threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(batch, size, size, generator=g).to(dtype)
+    W0 = (torch.randn(batch, size, size, generator=g) / size ** 0.5).to(dtype)
+    rows = []
+    try:
+        torch.set_num_threads(1)
+
+        def pair(r):
+            return {"B": torch.randn(batch, size, r, generator=g).to(dtype),
+                    "A": torch.randn(batch, r, size, generator=g).to(dtype)}
+
+        smoa = {}
+        for k in range(4):
+            smoa.update({f"B{k}": torch.randn(batch, size, 18, generator=g).to(dtype),
+                         f"A{k}": torch.randn(batch, 18, size, generator=g).to(dtype)})
+        for name, st, p in (("HiRA r=72 error", Structure([Term([("B", "A")], W0)], 1.0), pair(72)),
+                            ("SMoA K=4 r_k=18 error",
+                             Structure([Term([(f"B{k}", f"A{k}")], W0 * (k + 1)) for k in range(4)], 1.0),
+                             smoa)):
+            a = _als.rel_error(M, st.delta(p))
+            b = _als.structure_error(st, M, p)
+            ta = timeit(lambda: _als.rel_error(M, st.delta(p)), device, repeat=5)
+            tb = timeit(lambda: _als.structure_error(st, M, p), device, repeat=5)
+            rows.append((name, ta, tb, float(((a - b) / a).abs().max())))
+        cfg = type("Cfg", (), {"scale": 1.0})()
+        for mname in ("dora", "alpha_lora"):
+            meth = theory.get_method(mname)
+            _, v_name = meth.row_form
+            bn, an = meth.lora_term
+            p = {bn: 0.01 * torch.randn(batch, size, 72, generator=g).to(dtype),
+                 an: torch.randn(batch, 72, size, generator=g).to(dtype),
+                 v_name: torch.linalg.vector_norm(W0, dim=-1)}
+            torch.set_num_threads(2)  # the batched expression is what several threads build
+            batched = _rs.value_and_grad(meth, M, W0, cfg)
+            torch.set_num_threads(1)
+            blocked = _rs.value_and_grad(meth, M, W0, cfg)
+            (ea, ga), (eb, gb) = batched(p), blocked(p)
+            diff = max([float(((ea - eb) / ea).abs().max())]
+                       + [float((ga[k] - gb[k]).norm() / ga[k].norm().clamp_min(1e-30)) for k in ga])
+            rows.append((f"{mname} r=72 error+gradient", timeit(lambda: batched(p), device, repeat=5),
+                         timeit(lambda: blocked(p), device, repeat=5), diff))
+        r = 4
+        T, C = M, W0 * size ** 0.5
+        C2, CT = C * C, C * T
+        A = torch.linalg.qr(torch.randn(batch, size, r, generator=g).to(dtype))[0].mT.contiguous()
+        B = torch.randn(batch, size, r, generator=g).to(dtype)
+
+        def half_steps():
+            x = _als._row_solve(T, C, A, B, 1.0, C2=C2, CT=CT)
+            y = _als._row_solve(T.mT, C.mT, B.mT, A.mT, 1.0, C2=C2.mT, CT=CT.mT)
+            return x, y
+
+        narrow = _common.bmm
+
+        def plain(X, Y):
+            if Y.shape[-1] == 1 and Y.shape[-2] > 1:
+                return narrow(X, Y)
+            return X @ Y
+
+        try:
+            _common.bmm = _als.bmm = plain
+            xa, ya = half_steps()
+            ta = timeit(half_steps, device, repeat=5)
+        finally:
+            _common.bmm = _als.bmm = narrow
+        xb, yb = half_steps()
+        tb = timeit(half_steps, device, repeat=5)
+        diff = max(float((xa - xb).norm() / xa.norm()), float((ya - yb).norm() / ya.norm()))
+        rows.append(("ALS half-steps r=4 (narrow-left products)", ta, tb, diff))
+    finally:
+        torch.set_num_threads(old_threads)
+    return {"bench": "blocked", "size": size, "batch": batch,
+            "rows": [{"what": w, "before_s": a, "after_s": b, "ratio": a / max(b, 1e-12), "max_rel_diff": d}
+                     for w, a, b, d in rows]}
+
+
 def bench_lbfgs_state(size: int, r: int, iters: int, device: str, dtype, batch: int = 4) -> dict:
     """(h) L-BFGS with a float64 state against one in the factors' dtype, same start."""
     from .solvers import als_kr as _kr
@@ -535,7 +628,7 @@ def bench_lbfgs_state(size: int, r: int, iters: int, device: str, dtype, batch: 
 SIZES = {
     # (a) size, batch, steps; (b) size, {solver: step counts}; (c) size, ALS, Adam steps;
     # (d) size, token counts; (e) size, ranks, iterations (None: the sweep's defaults);
-    # (f) size, LoRA-rank budget
+    # (f) size, LoRA-rank budget; (g) size, r; (h) size, r, iterations; (i) size
     "full": dict(a=(256, 64, {"als": 20, "adam": 200}),
                  b=(1024, {"als": (), "adam": (20, 220)}),
                  c=(256, 60, 3000, 300),
@@ -543,7 +636,8 @@ SIZES = {
                  e=(256, [8, 16], None),
                  f=(1000, 72),
                  g=(1000, 36),
-                 h=(1000, 36, 100)),
+                 h=(1000, 36, 100),
+                 i=(1000,)),
     "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
                   b=(192, {"als": (), "adam": (10, 110)}),
                   c=(64, 30, 1500, 150),
@@ -551,7 +645,8 @@ SIZES = {
                   e=(40, [3, 6], 40),
                   f=(48, 6),
                   g=(96, 8),
-                  h=(96, 8, 40)),
+                  h=(96, 8, 40),
+                  i=(160,)),
 }
 
 
@@ -642,6 +737,15 @@ def report(results: list[dict]) -> str:
                 f"per iteration ({r['ratio']:.2f}×); errors {', '.join(f'{e:.4f}' for e in a['errors'])} "
                 f"vs {', '.join(f'{e:.4f}' for e in b['errors'])} (largest difference "
                 f"{r['max_error_diff']:.1e})")
+        elif r["bench"] == "blocked":
+            if "skipped" in r:
+                lines.append(f"(i) one-thread evaluations: skipped, {r['skipped']}")
+                continue
+            lines.append(f"(i) one CPU thread, {r['size']}×{r['size']}, {r['batch']} targets: before -> after "
+                         "per call")
+            for x in r["rows"]:
+                lines.append(f"    {x['what']:<42} {x['before_s'] * 1e3:8.1f} ms -> {x['after_s'] * 1e3:7.1f} ms "
+                             f"({x['ratio']:.2f}×; largest relative difference {x['max_rel_diff']:.1e})")
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")
@@ -660,8 +764,8 @@ def report(results: list[dict]) -> str:
 def build_parser() -> cli.Parser:
     ap = cli.Parser(prog="python -m reconstruction.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    ap.add_argument("--only", default="abcdegh",
-                    help="which benchmarks, e.g. 'ae' (default abcdegh; f, the stopping rule at "
+    ap.add_argument("--only", default="abcdeghi",
+                    help="which benchmarks, e.g. 'ae' (default abcdeghi; f, the stopping rule at "
                          "1000×1000, about half an hour on 2 cores, only when asked)")
     ap.add_argument("--solver", choices=("als", "adam", "both"), default="both",
                     help="solver(s) for (a) (default both)")
@@ -678,9 +782,9 @@ def main(argv=None) -> int:
     def work():
         device = cli.check_device(args.device)
         dtype = DTYPES[args.dtype]
-        bad = set(args.only) - set("abcdefgh")
+        bad = set(args.only) - set("abcdefghi")
         if bad or not args.only:
-            raise ValueError(f"--only takes letters from 'abcdefgh', got {args.only!r}")
+            raise ValueError(f"--only takes letters from 'abcdefghi', got {args.only!r}")
         cli.check_writable_file(args.json, "--json")
         S = SIZES["quick" if args.quick else "full"]
         smallest = min(v[0] for k, v in S.items() if k in args.only)
@@ -707,8 +811,9 @@ def main(argv=None) -> int:
             "f": lambda: bench_stopping(S["f"][0], S["f"][1], device, dtype),
             "g": lambda: bench_dense_gradient(*S["g"], device, dtype),
             "h": lambda: bench_lbfgs_state(*S["h"], device, dtype),
+            "i": lambda: bench_blocked(*S["i"], device, dtype),
         }
-        for k in "abcdefgh":
+        for k in "abcdefghi":
             if k in args.only:
                 got = todo[k]()
                 got = got if isinstance(got, list) else [got]

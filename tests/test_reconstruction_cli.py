@@ -253,7 +253,7 @@ def test_bench_quick_prints_every_default_benchmark(tmp_path):
     p = cli("--quick", "--json", str(tmp_path / "b.json"), module="reconstruction.bench",
             timeout=400)
     assert p.returncode == 0, p.stderr
-    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)", "(g)", "(h)"):
+    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)", "(g)", "(h)", "(i)"):
         assert tag in p.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     res = {r["bench"]: r for r in data["results"]}
@@ -277,6 +277,9 @@ def test_bench_quick_prints_every_default_benchmark(tmp_path):
     h = res["lbfgs_state"]
     assert h["ratio"] > 0 and h["max_error_diff"] < 5e-3
     assert all(e < 1.0 for e in h["float64"]["errors"] + h["factors"]["errors"])
+    # (i) each one-thread evaluation against what it replaced: the same numbers
+    i = res["blocked"]
+    assert len(i["rows"]) == 5 and all(r["ratio"] > 0 and r["max_rel_diff"] < 1e-4 for r in i["rows"])
 
 
 def test_live_bytes_mode_counts_peak_of_live_tensors():
