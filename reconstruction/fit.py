@@ -441,9 +441,13 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
                                   progress=progress)
         elif chosen == "lbfgs":  # from the start's best multiple (spectral starts are far off)
             p0 = rescale_start(meth, Mt, w0, config, p0, hom)
+            vg = _kr_value_and_grad(meth, Mt, w0, config, p0)
             p, hist, k, div = run_lbfgs(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
-                                        progress=progress,
-                                        value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0))
+                                        progress=progress, value_and_grad=vg,
+                                        value_and_grad_for=None if vg is None else (
+                                            lambda rows, p0=p0: _kr_value_and_grad(
+                                                meth, Mt.index_select(0, rows), w0.index_select(0, rows),
+                                                config, {k: v.index_select(0, rows) for k, v in p0.items()})))
         else:
             p, hist, k, div = run_adam(meth, Mt, w0, config, p0, steps=nsteps,
                                        lr=ADAM_LR if lr is None else float(lr), schedule=schedule,

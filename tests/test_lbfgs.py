@@ -146,3 +146,36 @@ def test_lbfgs_starts_from_the_best_multiple_of_its_start_in_a_balanced_gauge():
     for b, a in (("B1", "A1"), ("B2", "A2")):  # each rank-one component balanced
         torch.testing.assert_close(torch.linalg.vector_norm(q[b], dim=-2),
                                    torch.linalg.vector_norm(q[a], dim=-1))
+
+
+def test_backtracking_evaluates_only_the_targets_still_backtracking_with_the_same_run(monkeypatch):
+    """With ``value_and_grad_for``, a halving step re-evaluates only the targets whose
+    trial failed Armijo (the others' trial stands): the same run, bit for bit on one CPU
+    thread, for fewer target-evaluations than re-evaluating the whole batch."""
+    from reconstruction.solvers import lbfgs as L
+
+    M = make_target("random", (40, 36), batch=4, seed=4).M
+    M[1] = make_target("sparse", (40, 36), seed=6).M[0]
+    c = theory.get_method("abba").config(r1=8, r2=8)
+    counts = {"targets": 0}
+    real = F._kr_value_and_grad
+
+    def counting(meth, Mt, *a):
+        fn = real(meth, Mt, *a)
+
+        def wrapped(p):
+            counts["targets"] += Mt.shape[0]
+            return fn(p)
+        return wrapped
+
+    monkeypatch.setattr(F, "_kr_value_and_grad", counting)
+    sub = fit("abba", M, c, solver="lbfgs", steps=80, tol=0, init="gaussian")
+    n_sub = counts["targets"]
+    real_run = L.run_lbfgs
+    monkeypatch.setattr(F, "run_lbfgs", lambda *a, **k: real_run(*a, **{**k, "value_and_grad_for": None}))
+    counts["targets"] = 0
+    whole = fit("abba", M, c, solver="lbfgs", steps=80, tol=0, init="gaussian")
+    n_whole = counts["targets"]
+    assert torch.equal(sub.history_per_target, whole.history_per_target)
+    assert all(torch.equal(sub.params[k], whole.params[k]) for k in sub.params)
+    assert n_sub < n_whole  # some step backtracked, and only its targets paid for it

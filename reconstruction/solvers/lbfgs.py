@@ -64,12 +64,16 @@ def _autograd_vg(method, M: Tensor, w0, config, fixed: Params):
 
 def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, steps: int,
               tol: float = 1e-7, window: int | None = None, history: int = 10,
-              progress: bool = False, value_and_grad=None, state_dtype=None):
+              progress: bool = False, value_and_grad=None, value_and_grad_for=None,
+              state_dtype=None):
     """Returns (best params, per-iteration errors [(b,)...], iterations run per target (b,),
     diverged (b,)),
     like ``adam.run_adam``. ``value_and_grad(params) -> ((b,), {name: gradient})`` over
     the trainable factors; default: autograd through ``method.delta``. ``state_dtype``:
-    the dtype of x, g and the curvature pairs (default: the factors'; the errors are float64)."""
+    the dtype of x, g and the curvature pairs (default: the factors'; the errors are float64).
+    ``value_and_grad_for(rows)``: the same for those targets alone; then a backtracking
+    step evaluates only the targets still backtracking (the others' trial stands), where
+    the whole batch was evaluated again whenever one target halved its step."""
     from tqdm.auto import tqdm
 
     b, dev = M.shape[0], M.device
@@ -83,17 +87,29 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
     tiny = torch.finfo(sd).tiny
     vg = value_and_grad or _autograd_vg(method, M, w0, config, fixed)
 
-    def unflat(x: Tensor) -> Params:  # (b, P) state -> factors in their dtype
+    def unflat(x: Tensor) -> Params:  # (b', P) state -> factors in their dtype
         parts = torch.split(x, sizes, dim=1)
-        return {k: v.reshape(b, *s).to(dtype).contiguous() for k, v, s in zip(names, parts, shapes)}
+        return {k: v.reshape(x.shape[0], *s).to(dtype).contiguous() for k, v, s in zip(names, parts, shapes)}
 
-    def evaluate(x: Tensor) -> tuple[Tensor, Tensor]:  # (b,) float64, (b, P) state
+    def evaluate(x: Tensor, fn=None, fix: Params | None = None) -> tuple[Tensor, Tensor]:
+        """(b',) float64 errors and (b', P) gradients at x (b', P), by ``fn`` (default vg)."""
         with torch.no_grad():
-            e, g = vg({**unflat(x), **fixed})
+            e, g = (fn or vg)({**unflat(x), **(fixed if fix is None else fix)})
         e = e.double()
         e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
-        gf = torch.cat([g[k].reshape(b, -1) for k in names], 1).to(sd).nan_to_num_(0.0, 0.0, 0.0)
+        gf = torch.cat([g[k].reshape(x.shape[0], -1) for k in names], 1).to(sd).nan_to_num_(0.0, 0.0, 0.0)
         return e, gf
+
+    def evaluate_rows(x: Tensor, rows_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Only the targets in ``rows_mask`` evaluated; the others' entries are inf and 0."""
+        if value_and_grad_for is None or bool(rows_mask.all()):
+            return evaluate(x)
+        rows = rows_mask.nonzero()[:, 0]
+        fn = value_and_grad_for(rows)
+        es, gs = evaluate(x.index_select(0, rows), fn, {k: v.index_select(0, rows) for k, v in fixed.items()})
+        e = torch.full((b,), math.inf, dtype=torch.float64, device=dev).index_copy_(0, rows, es)
+        g = torch.zeros_like(x).index_copy_(0, rows, gs)
+        return e, g
 
     if dev.type == "cpu":  # per-target dot products: no (b, P) temporary, batch-blind
         def dot(X: Tensor, Z: Tensor) -> Tensor:  # (b, P), (b, P) -> (b,)
@@ -150,7 +166,7 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         e_new = g_new = x_new = None
         for _ in range(HALVINGS):
             xt = torch.addcmul(x, t[:, None], r, value=-1.0)  # x + t d
-            et, gt = evaluate(xt)
+            et, gt = evaluate(xt) if x_new is None else evaluate_rows(xt, todo)
             ok = todo & (et <= e + C1 * t * slope)
             if x_new is None and bool(ok.all()):
                 e_new, g_new, x_new = et, gt, xt
