@@ -602,7 +602,7 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
     bar = tqdm(total=steps, disable=not progress, desc=f"als {meth.name}", leave=False)
     names = [x for t in st.terms for pair in t.pairs for x in pair]
     beta = torch.full((Bn,), 0.5, dtype=torch.float64, device=M.device)
-    memo: dict = {}  # what stays the same from sweep to sweep (``als.als_sweep``)
+    memo: dict = {"norm": _als.norm2(M)}  # what stays the same from sweep to sweep (``als.als_sweep``)
     with torch.no_grad():
         for k in range(1, steps + 1):
             its.masked_fill_(active, k)
@@ -610,9 +610,9 @@ def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
             p = _als.als_sweep(st, M, p, order, active, memo=memo)
             e = memo.get("error")  # several terms: the sweep's own residual
             if e is None:
-                e = _als.structure_error(st, M, p)
+                e = _als.structure_error(st, M, p, memo["norm"])
             if extrapolate and k >= 2:
-                p, e, beta = _als.extrapolate(st, M, prev, p, e, beta, active, names)
+                p, e, beta = _als.extrapolate(st, M, prev, p, e, beta, active, names, memo["norm"])
             hist[k] = torch.where(active, e, hist[k - 1])
             if finish_step(bar, hist, k, active, window, tol):
                 break

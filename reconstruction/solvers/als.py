@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import Params, Structure, bmm, lstsq_driver
+from .common import ROW_BLOCK, Params, Structure, bmm, lstsq_driver, row_blocked
 
 #: a modulated half-step (C given) with r at least this large is solved by CG_ITERS steps
 #: of Jacobi-preconditioned conjugate gradients (``_row_cg``) instead of forming every
@@ -245,7 +245,7 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
             R = torch.add(T, prods[t], alpha=-s, out=T)  # T is this step's own tensor
     if R is not None:
         if "norm" not in memo:
-            memo["norm"] = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
+            memo["norm"] = norm2(M)
         memo["error"] = R.pow(2).sum((-2, -1), dtype=torch.float64) / memo["norm"]
     # rebalance the pairs of each Hadamard term to equal Frobenius norms
     for term in st.terms:
@@ -262,20 +262,22 @@ def als_sweep(st: Structure, M: Tensor, params: Params, order, active: Tensor,
 
 def rel_error(M: Tensor, D: Tensor) -> Tensor:
     """‖M − D‖² / ‖M‖² per target, summed in float64 (no float64 copy of the m×n tensors)."""
-    den = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
+    den = norm2(M)
     return (M - D).pow(2).sum((-2, -1), dtype=torch.float64) / den
 
 
-#: rows of M per block of ``structure_error`` on one CPU thread (as ``als_kr.ROW_BLOCK``)
-ROW_BLOCK = 128
+def norm2(M: Tensor) -> Tensor:
+    """‖M‖² per target (b,), summed in float64, floored away from 0."""
+    return M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
 
 
-def structure_error(st: Structure, M: Tensor, params: Params) -> Tensor:
+def structure_error(st: Structure, M: Tensor, params: Params, nrm: Tensor | None = None) -> Tensor:
     """``rel_error(M, st.delta(params))`` (b,) float64, without forming ΔW: on one CPU
     thread, per target and ``ROW_BLOCK`` rows at a time, R = M + offset − s Σ_t F_t ⊙
     Π_q B_q A_q in a cache-resident block, its squared row norms summed in float32 per
-    row and in float64 over rows; elsewhere (a GPU, several threads) through ΔW."""
-    if M.device.type != "cpu" or torch.get_num_threads() != 1:
+    row and in float64 over rows; elsewhere (a GPU, several threads) through ΔW.
+    ``nrm``: ‖M‖² (``norm2``) when the caller keeps it."""
+    if not row_blocked(M):
         return rel_error(M, st.delta(params))
     b, m, n = M.shape
     s = float(st.scale)
@@ -301,22 +303,22 @@ def structure_error(st: Structure, M: Tensor, params: Params) -> Tensor:
                     P.mul_(term.fixed[t, i:i + k])
                 R.add_(P, alpha=-s)
             torch.sum(R.mul_(R), -1, out=row_sq[t, i:i + k])
-    nrm = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)
-    return row_sq.sum(-1, dtype=torch.float64) / nrm
+    return row_sq.sum(-1, dtype=torch.float64) / (norm2(M) if nrm is None else nrm)
 
 
 def extrapolate(st: Structure, M: Tensor, prev: Params, cur: Params, err: Tensor, beta: Tensor,
-                active: Tensor, names: list[str]) -> tuple[Params, Tensor, Tensor]:
+                active: Tensor, names: list[str], nrm: Tensor | None = None) -> tuple[Params, Tensor, Tensor]:
     """Line-search acceleration (as for CP-ALS, Bro 1998): try cur + β (cur − prev) on
     every factor; keep it for the targets where it lowers the error (β ← 1.5 β, at
     most 4), else keep ``cur`` (β ← β/2, at least 0.05). The gauge (QR, balancing)
     moves continuously between sweeps, so the step is meaningful; monotonicity is
-    untouched. Returns (params, errors, β), all per target."""
+    untouched. ``nrm``: ‖M‖² when the caller keeps it. Returns (params, errors, β), all
+    per target."""
     bsh = beta.reshape(-1, 1, 1)
     cand = dict(cur)
     for k in names:
         cand[k] = cur[k] + bsh.to(cur[k]) * (cur[k] - prev[k])
-    e2 = structure_error(st, M, cand)
+    e2 = structure_error(st, M, cand, nrm)
     ok = active & torch.isfinite(e2) & (e2 < err)
     out = dict(cur)
     for k in names:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .als import pair_norm, solve_rows
-from .common import Params, Structure, bmm, finish_step, per_target_steps
+from .common import ROW_BLOCK, Params, Structure, bmm, finish_step, per_target_steps, row_blocked
 
 #: the names the solver uses inside; a method's own names (its ``product_terms``) are
 #: mapped onto them at the entry and back at the exit
@@ -274,13 +274,6 @@ def value_and_grad(M: Tensor, st: Structure):
     return fn
 
 
-#: rows per block of the CPU evaluation of ``dense_value_and_grad``: its five (rows, n)
-#: intermediates (P1, P2, N and the two products) stay in a core's L2 cache (n = 1000,
-#: float32: 0.5 MB each), where the batched expression streams (b, m, n) tensors through
-#: memory in every pass (``reconstruction.bench --only g``)
-ROW_BLOCK = 128
-
-
 def dense_value_and_grad(M: Tensor, st: Structure, row_block: int | None = ROW_BLOCK):
     """The same errors and gradients through ΔW itself, written out, for r1 r2 too large
     for the Khatri-Rao expansion: with P1 = B1 A1, P2 = B2 A2, N = M − s P1 ⊙ P2 (minus
@@ -293,8 +286,8 @@ def dense_value_and_grad(M: Tensor, st: Structure, row_block: int | None = ROW_B
     added in float64, the two products; w scales the small GEMM outputs), half those of
     the plain expression. On a CPU (``row_block`` rows at a time, per target) every
     intermediate lives in cache, the m×n passes cost what the GEMMs leave and no m×n
-    tensor is allocated: 1.4-2× faster at 1000×1000 than the batched expression, which
-    a GPU runs (``row_block=None``: always). Each target is evaluated on its own, so its
+    tensor is allocated: 1.11× the batched expression on one thread at 1000×1000, r1 = r2
+    = 36 (``reconstruction.bench --only g``), which a GPU runs (``row_block=None``: always). Each target is evaluated on its own, so its
     numbers do not depend on the batch. Returns fn(params) -> (e (b,), {name: gradient}),
     to be called under no_grad."""
     s = float(st.scale)
@@ -302,7 +295,7 @@ def dense_value_and_grad(M: Tensor, st: Structure, row_block: int | None = ROW_B
     w = (-2 * s / nrm).to(M.dtype)[:, None, None]  # (b, 1, 1), the sign of −N
     own = names(st)
     if row_block is not None and M.device.type == "cpu":
-        rows = int(row_block) if torch.get_num_threads() == 1 else M.shape[-2]
+        rows = int(row_block) if row_blocked(M) else M.shape[-2]
         return _blocked_value_and_grad(M, s, nrm, w, own, rows)
 
     def fn(params: Params) -> tuple[Tensor, Params]:

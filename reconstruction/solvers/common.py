@@ -92,6 +92,20 @@ def finish_step(bar, hist: Tensor, k: int, active: Tensor, window: int, tol: flo
     return not bool(active.any())
 
 
+#: rows of M per block of the one-thread CPU evaluations (``als_kr.dense_value_and_grad``,
+#: ``als.structure_error``, ``rowscale``): a block's few (rows, n) intermediates stay in a
+#: core's cache (n = 1000, float32: 0.5 MB each), where the batched expressions stream
+#: (b, m, n) tensors through memory in every pass (``reconstruction.bench --only gi``)
+ROW_BLOCK = 128
+
+
+def row_blocked(M: Tensor) -> bool:
+    """Whether M's evaluations go row block by row block, target by target: on a CPU
+    with one thread (each worker of a sweep); a GPU, or several threads, run the batched
+    expressions."""
+    return M.device.type == "cpu" and torch.get_num_threads() == 1
+
+
 #: the widest Y that ``bmm`` puts on the left: above it (r = 72, the 136-171 columns of
 #: the Gram products at r = 16-18) the plain product was as fast or faster (an A/B of
 #: ALS half-steps at 1000×1000, four targets, one thread, in one process)
@@ -338,9 +352,9 @@ def rescale_start(method, M: Tensor, w0: Tensor | None, config, params: Params,
 
 
 #: the last few decompositions of a target (``remembered``): a sweep fits each target with
-#: every method and rank, and their starts decompose the same M again (ABBA's spectral
-#: start an SVD per target, the LoRA-warm and DoRA starts an eigh of M Mᵀ): 3-4 s per
-#: 1000×1000 batch of four on one thread, a tenth of a small fit
+#: every method and rank, and their starts decompose the same M again (the LoRA-warm start
+#: of ABBA and DoRA an eigh of M Mᵀ, about 0.9 s per 1000×1000 batch of four on one
+#: thread; the spectral start an SVD per target)
 _DECOMP: list[tuple[str, Tensor, object]] = []
 _DECOMP_KEEP = 8
 _DECOMP_MAX_BYTES = 64 * 2 ** 20  # inputs larger than this are not kept
