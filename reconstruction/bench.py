@@ -49,6 +49,11 @@ all measured in one run on one device (``--quick`` shrinks every size).
     batched against row-blocked; an ALS B and A half-step at r = 4 (SMoA's r_k at the budget
     of rank 16) with the narrow factor on the left of the normal-equation products
     (``common.bmm``) against the plain product: time per call, ratios, largest differences.
+(j) L-BFGS for ABBA with the Gauss-Newton H⁰ (``solvers.precondition``) against γ I, as
+    it was: the four Figure 2 targets at 1000×1000, r1 = r2 = 36, both from ``lora-warm``
+    for the same iterations (1000); per target the iteration at which the preconditioned
+    run reaches the error the plain one ends at, and the time ratio to get there (what
+    lets the grid run 600 preconditioned iterations where it ran 1000 plain ones).
 """
 
 from __future__ import annotations
@@ -622,13 +627,46 @@ def bench_lbfgs_state(size: int, r: int, iters: int, device: str, dtype, batch: 
     return row
 
 
+def bench_precondition(size: int, r: int, iters: int, device: str, dtype) -> dict:
+    """(j) L-BFGS with the Gauss-Newton H⁰ against γ I, same targets, start and iterations."""
+    from .targets import make_target
+
+    M = torch.cat([make_target(k, (size, size), seed=0).M for k in _FIG2_TARGETS])
+    M = M.to(device=device, dtype=dtype)
+    cfg = theory.get_method("abba").config(r1=r, r2=r)
+    kw = dict(solver="lbfgs", init="lora-warm", tol=0.0)
+    F.fit("abba", M, cfg, steps=1, **kw)  # the start's decomposition is remembered: paid once
+    row = {"bench": "precondition", "size": size, "r": r, "iters": iters, "batch": M.shape[0]}
+    for name, pre in (("plain", False), ("gauss_newton", True)):
+        _sync(device)
+        t = time.perf_counter()
+        res = F.fit("abba", M, cfg, steps=iters, precondition=pre, **kw)
+        _sync(device)
+        row[name] = {"seconds": time.perf_counter() - t, "errors": [float(e) for e in res.rel_error],
+                     "history": res.history_per_target}
+    H = row["gauss_newton"].pop("history")  # (iters + 1, b)
+    row["plain"].pop("history")
+    goal = torch.tensor(row["plain"]["errors"], dtype=H.dtype)
+    reached = H <= goal  # (iters + 1, b)
+    row["iters_to_plain_final"] = [int(reached[:, t].nonzero()[0]) if bool(reached[:, t].any()) else None
+                                   for t in range(H.shape[1])]
+    if all(k is not None for k in row["iters_to_plain_final"]):
+        k = max(row["iters_to_plain_final"])  # the batch runs until its last target gets there
+        row["ratio"] = row["plain"]["seconds"] / max(row["gauss_newton"]["seconds"] * k / iters, 1e-12)
+    return row
+
+
+_FIG2_TARGETS = ("orthogonal", "lowrank", "sparse", "random")
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
 SIZES = {
     # (a) size, batch, steps; (b) size, {solver: step counts}; (c) size, ALS, Adam steps;
     # (d) size, token counts; (e) size, ranks, iterations (None: the sweep's defaults);
-    # (f) size, LoRA-rank budget; (g) size, r; (h) size, r, iterations; (i) size
+    # (f) size, LoRA-rank budget; (g) size, r; (h) size, r, iterations; (i) size;
+    # (j) size, r, iterations
     "full": dict(a=(256, 64, {"als": 20, "adam": 200}),
                  b=(1024, {"als": (), "adam": (20, 220)}),
                  c=(256, 60, 3000, 300),
@@ -637,7 +675,8 @@ SIZES = {
                  f=(1000, 72),
                  g=(1000, 36),
                  h=(1000, 36, 100),
-                 i=(1000,)),
+                 i=(1000,),
+                 j=(1000, 36, 1000)),
     "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
                   b=(192, {"als": (), "adam": (10, 110)}),
                   c=(64, 30, 1500, 150),
@@ -646,7 +685,8 @@ SIZES = {
                   f=(48, 6),
                   g=(96, 8),
                   h=(96, 8, 40),
-                  i=(160,)),
+                  i=(160,),
+                  j=(96, 6, 120)),
 }
 
 
@@ -746,6 +786,16 @@ def report(results: list[dict]) -> str:
             for x in r["rows"]:
                 lines.append(f"    {x['what']:<42} {x['before_s'] * 1e3:8.1f} ms -> {x['after_s'] * 1e3:7.1f} ms "
                              f"({x['ratio']:.2f}×; largest relative difference {x['max_rel_diff']:.1e})")
+        elif r["bench"] == "precondition":
+            a, b = r["plain"], r["gauss_newton"]
+            its = ", ".join("never" if k is None else str(k) for k in r["iters_to_plain_final"])
+            lines.append(
+                f"(j) L-BFGS for ABBA ({r['size']}×{r['size']}, {r['batch']} Figure 2 targets, r1 = r2 = "
+                f"{r['r']}, lora-warm, {r['iters']} iterations): γ I {a['seconds']:.1f}s, errors "
+                f"{', '.join(f'{e:.4f}' for e in a['errors'])}; Gauss-Newton H⁰ {b['seconds']:.1f}s, errors "
+                f"{', '.join(f'{e:.4f}' for e in b['errors'])}; the plain run's final errors reached at "
+                f"iteration {its}"
+                + (f" -> {r['ratio']:.2f}× less time to them" if "ratio" in r else ""))
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")
@@ -764,8 +814,8 @@ def report(results: list[dict]) -> str:
 def build_parser() -> cli.Parser:
     ap = cli.Parser(prog="python -m reconstruction.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    ap.add_argument("--only", default="abcdeghi",
-                    help="which benchmarks, e.g. 'ae' (default abcdeghi; f, the stopping rule at "
+    ap.add_argument("--only", default="abcdeghij",
+                    help="which benchmarks, e.g. 'ae' (default abcdeghij; f, the stopping rule at "
                          "1000×1000, about half an hour on 2 cores, only when asked)")
     ap.add_argument("--solver", choices=("als", "adam", "both"), default="both",
                     help="solver(s) for (a) (default both)")
@@ -782,9 +832,9 @@ def main(argv=None) -> int:
     def work():
         device = cli.check_device(args.device)
         dtype = DTYPES[args.dtype]
-        bad = set(args.only) - set("abcdefghi")
+        bad = set(args.only) - set("abcdefghij")
         if bad or not args.only:
-            raise ValueError(f"--only takes letters from 'abcdefghi', got {args.only!r}")
+            raise ValueError(f"--only takes letters from 'abcdefghij', got {args.only!r}")
         cli.check_writable_file(args.json, "--json")
         S = SIZES["quick" if args.quick else "full"]
         smallest = min(v[0] for k, v in S.items() if k in args.only)
@@ -812,8 +862,9 @@ def main(argv=None) -> int:
             "g": lambda: bench_dense_gradient(*S["g"], device, dtype),
             "h": lambda: bench_lbfgs_state(*S["h"], device, dtype),
             "i": lambda: bench_blocked(*S["i"], device, dtype),
+            "j": lambda: bench_precondition(*S["j"], device, dtype),
         }
-        for k in "abcdefghi":
+        for k in "abcdefghij":
             if k in args.only:
                 got = todo[k]()
                 got = got if isinstance(got, list) else [got]

@@ -78,6 +78,7 @@ from theory.base import Config
 from .solvers import als as _als
 from .solvers import als_kr as _kr
 from .solvers import exact as _exact
+from .solvers import precondition as _precondition
 from .solvers import rowscale as _rowscale
 from .solvers.adam import run_adam
 from .solvers.common import (
@@ -101,6 +102,11 @@ SOLVERS = ("auto", "svd", "als", "adam", "lbfgs")
 ADAM_STEPS = 2000
 ALS_SWEEPS = 200
 LBFGS_ITERS = 1000
+#: L-BFGS's iterations for a Hadamard pair (ABBA, LoHa), whose Gauss-Newton H⁰
+#: (``solvers.precondition``) reaches in 600 what 1000 plain iterations did: at 1000×1000
+#: from ``lora-warm`` on Figure 2's four targets, r1 = r2 = 8: lower on all four; 36: within
+#: +0.0006 (lower on two); 72: within +0.0013 (lower on two); README, "Sweeps at scale"
+PRECONDITIONED_ITERS = 600
 #: several ALS starts run 1/SCREEN of the sweeps each; the best per target the rest, where a
 #: later start must beat the first (lora-warm) by SCREEN_MARGIN (relative) to replace it
 SCREEN = 10
@@ -314,7 +320,8 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
         seed: int | Sequence[int] = 0,
         lr: float | None = None, device=None, dtype=None, progress: bool = False,
         tol: float | None = None, restarts: int = 1, schedule: str = "cosine",
-        window: int | None = None, params0: dict[str, Tensor] | None = None) -> FitResult:
+        window: int | None = None, params0: dict[str, Tensor] | None = None,
+        precondition: bool = True) -> FitResult:
     """Fit ``method`` (a registry name or Method) at ``config`` to the targets ``M``
     (B, m, n) (or (m, n)).
 
@@ -322,11 +329,12 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
     init reads it). Without it a stand-in N(0, 1/n) drawn from ``seed`` is used and
     ``FitResult.init`` says so. ``seed``: one for every target, or one per target (then
     each target gets the starts, and the W0 stand-in, of a fit of it alone with its
-    seed). ``steps``: Adam steps (default 2000) or ALS sweeps
-    (default 200). ``restarts``: number of starts (seeds seed, seed+1, ...); the best
-    is kept per target (ALS: screened, see the module docstring). ``tol``/``window``:
-    stop a target when its error improved by less than ``tol`` (relative) over
-    ``window`` steps/sweeps (None: the solver's default, ``STOP``). ``params0``: start from
+    seed). ``steps``: Adam steps (default 2000), ALS sweeps (default 200) or L-BFGS
+    iterations (default 1000; 600 for ABBA and LoHa, whose L-BFGS takes the Gauss-Newton
+    H⁰ of ``solvers.precondition`` unless ``precondition=False``, then 1000 plain ones).
+    ``restarts``: number of starts (seeds seed, seed+1, ...); the best is kept per target
+    (ALS: screened, see the module docstring). ``tol``/``window``: stop a target when its
+    error improved by less than ``tol`` (relative) over ``window`` steps/sweeps (None: the solver's default, ``STOP``). ``params0``: start from
     these factors (batched like the targets, e.g. another fit's ``params``: ALS then
     Adam) instead of an init.
 
@@ -338,11 +346,12 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
     with _threads_for(M if torch.is_tensor(M) else torch.zeros(1, 1)):
         return _fit(method, M, config, w0=w0, solver=solver, steps=steps, init=init, seed=seed,
                     lr=lr, device=device, dtype=dtype, progress=progress, tol=tol,
-                    restarts=restarts, schedule=schedule, window=window, params0=params0)
+                    restarts=restarts, schedule=schedule, window=window, params0=params0,
+                    precondition=precondition)
 
 
 def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype, progress, tol,
-         restarts, schedule, window, params0) -> FitResult:
+         restarts, schedule, window, params0, precondition) -> FitResult:
     t_start = time.perf_counter()
     meth = method if isinstance(method, theory.Method) else theory.get_method(method)
     if solver not in SOLVERS:
@@ -421,7 +430,9 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
     if tol is None and chosen in STOP:
         tol, window = STOP[chosen][0], window if window is not None else STOP[chosen][1]
     tol = 1e-7 if tol is None else float(tol)
-    total = {"als": ALS_SWEEPS, "adam": ADAM_STEPS, "lbfgs": LBFGS_ITERS}.get(chosen, 0) \
+    precondition = bool(precondition) and is_hadamard_pair(meth)
+    lbfgs_iters = PRECONDITIONED_ITERS if precondition else LBFGS_ITERS
+    total = {"als": ALS_SWEEPS, "adam": ADAM_STEPS, "lbfgs": lbfgs_iters}.get(chosen, 0) \
         if steps is None else int(steps)
     screen = max(5, total // SCREEN) if chosen == "als" and len(starts) > 1 and total >= 4 * SCREEN else None
 
@@ -441,21 +452,26 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
                                   progress=progress)
         elif chosen == "lbfgs":  # from the start's best multiple (spectral starts are far off)
             p0 = rescale_start(meth, Mt, w0, config, p0, hom)
-            vg = _kr_value_and_grad(meth, Mt, w0, config, p0)
+            st = _pair_structure(meth, p0, w0, config)  # once: backtracking asks per subset
+            vg = _kr_value_and_grad(meth, Mt, w0, config, p0, st)
             p, hist, k, div = run_lbfgs(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
                                         progress=progress, value_and_grad=vg,
+                                        precondition=_precondition.gauss_newton(Mt, st, _kr.names(st))
+                                        if precondition and st is not None else None,
                                         value_and_grad_for=None if vg is None else (
-                                            lambda rows, p0=p0: _kr_value_and_grad(
+                                            lambda rows, p0=p0, st=st: _kr_value_and_grad(
                                                 meth, Mt.index_select(0, rows), w0.index_select(0, rows),
-                                                config, {k: v.index_select(0, rows) for k, v in p0.items()})))
+                                                config, {k: v.index_select(0, rows) for k, v in p0.items()},
+                                                st)))
         else:
+            st = _pair_structure(meth, p0, w0, config)
             p, hist, k, div = run_adam(meth, Mt, w0, config, p0, steps=nsteps,
                                        lr=ADAM_LR if lr is None else float(lr), schedule=schedule,
                                        tol=tol, window=window, progress=progress,
-                                       value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0),
-                                       value_and_grad_for=lambda rows: _kr_value_and_grad(
+                                       value_and_grad=_kr_value_and_grad(meth, Mt, w0, config, p0, st),
+                                       value_and_grad_for=lambda rows, st=st: _kr_value_and_grad(
                                            meth, Mt.index_select(0, rows), w0.index_select(0, rows),
-                                           config, {k: v.index_select(0, rows) for k, v in p0.items()}))
+                                           config, {k: v.index_select(0, rows) for k, v in p0.items()}, st))
         return p, hist, k, div
 
     for scheme, off in starts:
@@ -547,22 +563,31 @@ def _cat_like(ts: list[Tensor]) -> Tensor:
     return torch.cat(ts)
 
 
-def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0):
+def _kr_value_and_grad(meth, M: Tensor, w0: Tensor, config, p0, st=...):
     """A hand-written error and gradient for Adam and L-BFGS, else None (autograd through
     ΔW): for a Hadamard pair the Khatri-Rao one where it is the cheaper
     (``als_kr.gradient_cheaper``), else the same through ΔW written out
     (``als_kr.dense_value_and_grad``); the row-scaled LoRA one (``solvers.rowscale``) for a
-    method with a ``row_form``."""
+    method with a ``row_form``. ``st``: the pair's ``_pair_structure`` where already known
+    (it depends on the method, config and shape, not on the targets: L-BFGS's backtracking
+    asks for subsets of the batch, and measuring it costs ~80 ms at 1000×1000)."""
     if meth.row_form is not None:
         return _rowscale.value_and_grad(meth, M, w0, config)
-    if not is_hadamard_pair(meth):
-        return None
-    st = structure(meth, p0, w0, config)
-    if st is None or not _kr._is_pair(st):
+    if st is ...:
+        st = _pair_structure(meth, p0, w0, config)
+    if st is None:
         return None
     if _kr.gradient_applies(st, p0, M.shape[-2], M.shape[-1]):
         return _kr.value_and_grad(M, st)
     return _kr.dense_value_and_grad(M, st)
+
+
+def _pair_structure(meth, p0, w0: Tensor, config):
+    """The (*) form of a Hadamard pair s (B1 A1) ⊙ (B2 A2) (ABBA, LoHa), else None."""
+    if not is_hadamard_pair(meth):
+        return None
+    st = structure(meth, p0, w0, config)
+    return st if st is not None and _kr._is_pair(st) else None
 
 
 def _take(mask: Tensor, new: dict[str, Tensor], old: dict[str, Tensor]) -> dict[str, Tensor]:

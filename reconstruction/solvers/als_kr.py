@@ -81,13 +81,13 @@ def names(st: Structure) -> tuple[str, str, str, str]:
 
 def gradient_cheaper(r1: int, r2: int, m: int, n: int) -> bool:
     """The Khatri-Rao gradient costs 4 m n R + 8 (m + n) R² flops (R = r1 r2), nearly all
-    GEMM; autograd through ΔW about m n (6 (r1 + r2) + 1000) flop-equivalents, its dozen
-    element-wise passes over m×n tensors being memory-bound. The constant 1000 is
-    this 2-core CPU's, measured (float32, one call each, 1000×1000 × 4 targets):
-    Khatri-Rao / autograd 5.8 / 24.5 ms at r1 = r2 = 4, 22.4 / 28.9 ms at 12, 54.5 /
-    24.4 ms at 16, 70.6 / 26.1 ms at 20 (256×256 × 64: 22 / 37 ms at 8, 63 / 37 at 12)."""
+    GEMM; the one through ΔW (``dense_value_and_grad``) six m n r GEMMs and four
+    element-wise passes over m×n, about m n (6 (r1 + r2) + 250) flop-equivalents. The
+    constant 250 is this 2-core CPU's, measured with the row-blocked dense gradient
+    (float32, one thread, 1000×1000 × 4 targets, 100 L-BFGS iterations each way, seconds
+    Khatri-Rao / dense): 3.5 / 4.9 at r1 = r2 = 4, 5.4 / 5.3 at 8, 9.8 / 6.0 at 12."""
     R = r1 * r2
-    return 4 * m * n * R + 8 * (m + n) * R * R <= m * n * (6 * (r1 + r2) + 1000)
+    return 4 * m * n * R + 8 * (m + n) * R * R <= m * n * (6 * (r1 + r2) + 250)
 
 
 def cheaper(r1: int, r2: int, m: int, n: int) -> bool:

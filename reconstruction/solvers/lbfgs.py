@@ -6,13 +6,17 @@ one line search and mix the targets' curvature pairs). With x_b the trainable
 factors of target b flattened (P entries), g_b = ∇e_b(x_b), and the last H pairs
 s_k = x_{k+1} − x_k, y_k = g_{k+1} − g_k (Nocedal & Wright 2006, Alg. 7.4):
 
-    d_b = −H_b g_b                  two-loop recursion, H_b⁰ = (sᵀy / yᵀy) I
+    d_b = −H_b g_b                  two-loop recursion, H_b⁰ = (sᵀy / yᵀy) I, or a
+                                    preconditioner's (``precondition``: for ABBA
+                                    and LoHa the Gauss-Newton H⁰ of
+                                    ``solvers.precondition``)
     x_b ← x_b + t_b d_b             t_b: backtracking (halving) from 1 until
                                     e_b(x + t d) <= e_b(x) + c1 t g_bᵀ d   (Armijo)
 
 Before the first curvature pair the step starts at unit length (t = 1/‖g‖) and is
 doubled while the error keeps falling, so a badly scaled gradient (the factors'
-scale is arbitrary) does not leave the first steps far too short.
+scale is arbitrary) does not leave the first steps far too short; a preconditioned
+run starts at t = 1 (a Gauss-Newton step has its scale).
 
 A pair with s_kᵀ y_k <= 1e-10 ‖s_k‖ ‖y_k‖ is not stored (the inverse-Hessian estimate
 stays positive definite): the targets share one ring of H slots, iteration k writing
@@ -65,7 +69,7 @@ def _autograd_vg(method, M: Tensor, w0, config, fixed: Params):
 def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, steps: int,
               tol: float = 1e-7, window: int | None = None, history: int = 10,
               progress: bool = False, value_and_grad=None, value_and_grad_for=None,
-              state_dtype=None):
+              state_dtype=None, precondition=None):
     """Returns (best params, per-iteration errors [(b,)...], iterations run per target (b,),
     diverged (b,)),
     like ``adam.run_adam``. ``value_and_grad(params) -> ((b,), {name: gradient})`` over
@@ -73,7 +77,10 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
     the dtype of x, g and the curvature pairs (default: the factors'; the errors are float64).
     ``value_and_grad_for(rows)``: the same for those targets alone; then a backtracking
     step evaluates only the targets still backtracking (the others' trial stands), where
-    the whole batch was evaluated again whenever one target halved its step."""
+    the whole batch was evaluated again whenever one target halved its step.
+    ``precondition(params) -> apply(gradients) -> H⁰ gradients``: the two-loop's H⁰ at the
+    current point in place of γ I (``solvers.precondition``); its steps have a scale, so
+    the first iteration starts at t = 1 like the others."""
     from tqdm.auto import tqdm
 
     b, dev = M.shape[0], M.device
@@ -145,7 +152,12 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
             a = rho[i] * dot(S[i], q)  # (b,)
             alpha[i] = a
             q.addcmul_(a[:, None], Y[i], value=-1.0)
-        r = q.mul_(gamma[:, None])  # H⁰ q, in place
+        if precondition is None:
+            r = q.mul_(gamma[:, None])  # H⁰ q, in place
+        else:
+            parts = torch.split(q, sizes, dim=1)
+            Hq = precondition(unflat(x))({k: v.reshape(b, *sh) for k, v, sh in zip(names, parts, shapes)})
+            r = torch.cat([Hq[k].reshape(b, -1) for k in names], 1).to(sd)
         for i in reversed(newest_first):
             beta = rho[i] * dot(Y[i], r)
             r.addcmul_((alpha[i] - beta)[:, None], S[i])
@@ -155,7 +167,8 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         if bool(bad.any()):
             r = torch.where(bad[:, None], g, r)
             slope = torch.where(bad, -dot(g, g), slope)
-        first = (rho > 0).sum(0) == 0  # no curvature pair yet: the step length is unknown
+        # no curvature pair yet (and no preconditioner): the step length is unknown
+        first = ((rho > 0).sum(0) == 0) & (precondition is None)
         t0 = 1.0 / g.norm(dim=1).clamp_min(tiny)  # |t0 d| = 1 along −g
         t = torch.where(first, t0, torch.ones_like(t0))
         t = torch.where(active, t, torch.zeros_like(t))
