@@ -102,10 +102,10 @@ SOLVERS = ("auto", "svd", "als", "adam", "lbfgs")
 ADAM_STEPS = 2000
 ALS_SWEEPS = 200
 LBFGS_ITERS = 1000
-#: L-BFGS's iterations for a Hadamard pair (ABBA, LoHa), whose Gauss-Newton H⁰
-#: (``solvers.precondition``) reaches in 600 what 1000 plain iterations did: at 1000×1000
-#: from ``lora-warm`` on Figure 2's four targets, r1 = r2 = 8: lower on all four; 36: within
-#: +0.0006 (lower on two); 72: within +0.0013 (lower on two); README, "Sweeps at scale"
+#: L-BFGS's iterations for a Hadamard pair (ABBA, LoHa) with its Gauss-Newton H⁰
+#: (``solvers.precondition``), against 1000 plain ones: at 1000×1000 from ``lora-warm`` on
+#: Figure 2's four targets, 600 end lower on all four at r1 = r2 = 8, and within +0.0006 at
+#: 36 and +0.0013 at 72, lower on two of four each (README, "Sweeps at scale")
 PRECONDITIONED_ITERS = 600
 #: several ALS starts run 1/SCREEN of the sweeps each; the best per target the rest, where a
 #: later start must beat the first (lora-warm) by SCREEN_MARGIN (relative) to replace it
@@ -334,9 +334,9 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
     H⁰ of ``solvers.precondition`` unless ``precondition=False``, then 1000 plain ones).
     ``restarts``: number of starts (seeds seed, seed+1, ...); the best is kept per target
     (ALS: screened, see the module docstring). ``tol``/``window``: stop a target when its
-    error improved by less than ``tol`` (relative) over ``window`` steps/sweeps (None: the solver's default, ``STOP``). ``params0``: start from
-    these factors (batched like the targets, e.g. another fit's ``params``: ALS then
-    Adam) instead of an init.
+    error improved by less than ``tol`` (relative) over ``window`` steps/sweeps (None: the
+    solver's default, ``STOP``). ``params0``: start from these factors (batched like the
+    targets, e.g. another fit's ``params``: ALS then Adam) instead of an init.
 
     Batching changes no target's numbers: every target keeps its own starts, stopping
     rule and solver state, and one that stops is left as it is while the others go on

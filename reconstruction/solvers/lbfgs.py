@@ -94,9 +94,11 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
     tiny = torch.finfo(sd).tiny
     vg = value_and_grad or _autograd_vg(method, M, w0, config, fixed)
 
+    def split(x: Tensor) -> Params:  # (b', P) -> {name: (b', *shape)} views, x's dtype
+        return {k: v.reshape(x.shape[0], *s) for k, v, s in zip(names, torch.split(x, sizes, dim=1), shapes)}
+
     def unflat(x: Tensor) -> Params:  # (b', P) state -> factors in their dtype
-        parts = torch.split(x, sizes, dim=1)
-        return {k: v.reshape(x.shape[0], *s).to(dtype).contiguous() for k, v, s in zip(names, parts, shapes)}
+        return {k: v.to(dtype).contiguous() for k, v in split(x).items()}
 
     def evaluate(x: Tensor, fn=None, fix: Params | None = None) -> tuple[Tensor, Tensor]:
         """(b',) float64 errors and (b', P) gradients at x (b', P), by ``fn`` (default vg)."""
@@ -155,8 +157,7 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         if precondition is None:
             r = q.mul_(gamma[:, None])  # H⁰ q, in place
         else:
-            parts = torch.split(q, sizes, dim=1)
-            Hq = precondition(unflat(x))({k: v.reshape(b, *sh) for k, v, sh in zip(names, parts, shapes)})
+            Hq = precondition(unflat(x))(split(q))
             r = torch.cat([Hq[k].reshape(b, -1) for k in names], 1).to(sd)
         for i in reversed(newest_first):
             beta = rho[i] * dot(Y[i], r)

@@ -81,8 +81,12 @@ def gauss_newton(M: Tensor, st: Structure, own: tuple[str, str, str, str]
             # on a CPU target by target: the BLAS picks other kernels for other batch
             # sizes, and a target's steps must not depend on its batch (bit for bit)
             one = [maps({k: v[t:t + 1] for k, v in p.items()}, c[t:t + 1]) for t in range(b)]
-            return lambda g: {k: torch.cat(parts) for k, parts in zip(
-                g, zip(*[one[t]({k: v[t:t + 1] for k, v in g.items()}).values() for t in range(b)]))}
+
+            def apply(g: Params) -> Params:
+                outs = [one[t]({k: v[t:t + 1] for k, v in g.items()}) for t in range(b)]
+                return {k: torch.cat([o[k] for o in outs]) for k in g}
+
+            return apply
         return maps(p, c)
 
     return at
