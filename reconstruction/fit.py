@@ -25,7 +25,11 @@ Solvers (every one batched over the targets, on any device, float32 or float64):
   Hadamard pairs ABBA and LoHa (``auto_solver``): L-BFGS from ``lora-warm`` on
   targets of a side >= 512 or at large r1·r2; else ALS from at least 3 starts,
   ``lora-warm``, then ``spectral`` (seeds seed, seed + 1, ...) when r1·r2 <= min(m, n),
-  Gaussian starts otherwise.
+  Gaussian starts otherwise. For the modulated updates s Σ_t F_t ⊙ (B_t A_t) (SMoA,
+  HiRA, HUT; ``solvers.modulated``) on targets of a side >= 512: ``WARM_SWEEPS`` ALS
+  sweeps, then L-BFGS with the Gauss-Newton H⁰ of each F_t
+  (``precondition.gauss_newton_modulated``), which ends lower than 200 sweeps of ALS
+  in a third of the time (README, "Sweeps at scale").
 
 Several ALS starts are screened: each runs a tenth of the sweeps, and the best per
 target runs the rest (total work ≈ 1.2 single runs for 3 starts), where a later
@@ -78,6 +82,7 @@ from theory.base import Config
 from .solvers import als as _als
 from .solvers import als_kr as _kr
 from .solvers import exact as _exact
+from .solvers import modulated as _modulated
 from .solvers import precondition as _precondition
 from .solvers import rowscale as _rowscale
 from .solvers.adam import run_adam
@@ -88,6 +93,7 @@ from .solvers.common import (
     homogeneous_factors,
     initial_params,
     is_hadamard_pair,
+    is_modulated,
     optimal_rescale,
     per_target_steps,
     rescale_start,
@@ -107,6 +113,13 @@ LBFGS_ITERS = 1000
 #: Figure 2's four targets, 600 end lower on all four at r1 = r2 = 8, and within +0.0006 at
 #: 36 and +0.0013 at 72, lower on two of four each (README, "Sweeps at scale")
 PRECONDITIONED_ITERS = 600
+#: a modulated update (SMoA, HiRA, HUT; ``solvers.modulated``) by L-BFGS: WARM_SWEEPS ALS
+#: sweeps from the ALS start, then at most MODULATED_ITERS preconditioned iterations with
+#: the stopping rule MODULATED_STOP (tol, window) (calibrated at 1000×1000 on Figure 2's
+#: four targets, README "Sweeps at scale")
+WARM_SWEEPS = 5
+MODULATED_ITERS = 400
+MODULATED_STOP = (2e-4, 20)
 #: several ALS starts run 1/SCREEN of the sweeps each; the best per target the rest, where a
 #: later start must beat the first (lora-warm) by SCREEN_MARGIN (relative) to replace it
 SCREEN = 10
@@ -211,6 +224,8 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
         r1, r2 = _pair_ranks(meth, config)
         if max(m, n) >= LBFGS_FROM or not _kr.cheaper(r1, r2, m, n):
             chosen = "lbfgs"
+    if chosen == "als" and is_modulated(meth) and max(m, n) >= LBFGS_FROM:
+        chosen = "lbfgs"
     return chosen
 
 
@@ -255,8 +270,9 @@ def _default_inits(method, solver: str, restarts: int, init: str | None,
     own first init; ``init=`` still picks any scheme (e.g. "paper")."""
     if init is not None:
         return [(init, i) for i in range(restarts)]
-    if solver == "lbfgs":  # the starts of ALS for the Hadamard pairs, of Adam otherwise
-        solver = "als" if is_hadamard_pair(method) else "adam"
+    if solver == "lbfgs":  # the starts of ALS for the Hadamard pairs and the modulated
+        # updates (whose L-BFGS begins with ALS sweeps), of Adam otherwise
+        solver = "als" if is_hadamard_pair(method) or is_modulated(method) else "adam"
     if solver == "adam" and method.lora_term is not None:
         return [("lora-warm", 0)] + [(method.inits[0], i) for i in range(1, restarts)]
     if solver == "als":
@@ -427,11 +443,13 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         if hom:
             given = scale_factors(given, hom, 1.0 / c.double())
         starts = [("given", 0)]
+    modulated = chosen == "lbfgs" and is_modulated(meth)
     if tol is None and chosen in STOP:
-        tol, window = STOP[chosen][0], window if window is not None else STOP[chosen][1]
+        rule = MODULATED_STOP if modulated else STOP[chosen]
+        tol, window = rule[0], window if window is not None else rule[1]
     tol = 1e-7 if tol is None else float(tol)
-    precondition = bool(precondition) and is_hadamard_pair(meth)
-    lbfgs_iters = PRECONDITIONED_ITERS if precondition else LBFGS_ITERS
+    precondition = bool(precondition) and (is_hadamard_pair(meth) or modulated)
+    lbfgs_iters = MODULATED_ITERS if modulated else PRECONDITIONED_ITERS if precondition else LBFGS_ITERS
     total = {"als": ALS_SWEEPS, "adam": ADAM_STEPS, "lbfgs": lbfgs_iters}.get(chosen, 0) \
         if steps is None else int(steps)
     screen = max(5, total // SCREEN) if chosen == "als" and len(starts) > 1 and total >= 4 * SCREEN else None
@@ -450,6 +468,10 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         elif chosen == "als":
             p, hist, k = _run_als(meth, Mt, w0, config, p0, steps=nsteps, tol=tol, window=window,
                                   progress=progress)
+        elif modulated:
+            p, hist, k, div = _run_modulated(meth, Mt, w0, config, p0, steps=nsteps, tol=tol,
+                                             window=window, progress=progress,
+                                             precondition=precondition)
         elif chosen == "lbfgs":  # from the start's best multiple (spectral starts are far off)
             p0 = rescale_start(meth, Mt, w0, config, p0, hom)
             st = _pair_structure(meth, p0, w0, config)  # once: backtracking asks per subset
@@ -598,6 +620,27 @@ def _take(mask: Tensor, new: dict[str, Tensor], old: dict[str, Tensor]) -> dict[
 def _pad(X: Tensor, L: int) -> Tensor:
     """Repeat the last row of X (k, B) up to L rows."""
     return torch.cat([X, X[-1:].expand(L - X.shape[0], -1)]) if X.shape[0] < L else X
+
+
+def _run_modulated(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,
+                   window: int | None, progress: bool, precondition: bool = True):
+    """A modulated update (``solvers.modulated``): ``WARM_SWEEPS`` ALS sweeps from p0, then
+    L-BFGS with the hand-written error and gradient and (``precondition``) the
+    Gauss-Newton H⁰ of each modulator. Returns (params, hist, steps per target (ALS
+    sweeps + L-BFGS iterations), diverged), like ``run_lbfgs``."""
+    st = structure(meth, p0, w0, config)
+    if not _modulated.applies(st):
+        raise ValueError(f"{meth.name}: its update is not s Σ F ⊙ (B A) with fixed F")
+    p, hist0, k0 = _run_als(meth, M, w0, config, p0, steps=WARM_SWEEPS, tol=0.0, window=None,
+                            progress=False)
+    p = {**p0, **p}
+    p, hist, k, div = run_lbfgs(
+        meth, M, w0, config, p, steps=steps, tol=tol, window=window, progress=progress,
+        value_and_grad=_modulated.value_and_grad(M, st),
+        value_and_grad_for=lambda rows: _modulated.value_and_grad(
+            M.index_select(0, rows), _modulated.subset(st, rows)),
+        precondition=_precondition.gauss_newton_modulated(M, st) if precondition else None)
+    return p, list(hist0) + list(hist[1:]), k0 + k, div
 
 
 def _run_als(meth, M: Tensor, w0: Tensor, config, p0, *, steps: int, tol: float,

@@ -93,3 +93,24 @@ def test_structure_error_is_the_relative_error_of_delta_and_batch_blind():
         assert torch.equal(alone, e), name
         with threads(2):  # several threads: through ΔW, the same numbers as rel_error
             assert torch.equal(als.structure_error(st, M, p), ref), name
+
+
+@pytest.mark.parametrize("name", ["hira", "hut", "smoa"])
+def test_blocked_modulated_gradient_equals_the_batched_one_and_is_batch_blind(name):
+    from reconstruction.solvers import modulated
+
+    g = torch.Generator().manual_seed(2)
+    st, p = next((st, p) for n, st, p in _structures(g) if n == name)
+    M = torch.randn(B_, M_, N_, generator=g)
+    with threads(2):
+        batched = modulated.value_and_grad(M, st)
+    with threads(1):
+        blocked = modulated.value_and_grad(M, st)
+        e1, g1 = batched(p)
+        e2, g2 = blocked(p)
+        assert float(((e1 - e2) / e1).abs().max()) < 1e-6
+        for k in g1:
+            assert _rel(g2[k], g1[k]) < 1e-5, k
+        for i in range(B_):
+            ei, gi = modulated.value_and_grad(M[i:i + 1], _one(st, i))({k: v[i:i + 1] for k, v in p.items()})
+            assert torch.equal(ei, e2[i:i + 1]) and all(torch.equal(gi[k], g2[k][i:i + 1]) for k in g2)

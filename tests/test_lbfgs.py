@@ -119,7 +119,8 @@ def test_auto_runs_khatri_rao_als_on_small_targets_at_small_r1_r2_and_lbfgs_othe
     assert F.auto_solver(abba, abba.config(r1=8, r2=8), 256, F.LBFGS_FROM) == "lbfgs"
     assert F.auto_solver(abba, abba.config(r1=36, r2=36), 1000, 1000) == "lbfgs"
     assert F.auto_solver(loha, loha.config(r=36), 1000, 1000) == "lbfgs"
-    assert F.auto_solver("hira", theory.get_method("hira").config(r=36), 1000, 1000) == "als"
+    assert F.auto_solver("hira", theory.get_method("hira").config(r=36), 256, 256) == "als"
+    assert F.auto_solver("vera", theory.get_method("vera").config(), 1000, 1000) == "als"
     assert F.auto_solver("lora", theory.get_method("lora").config(r=36), 1000, 1000) == "svd"
     # at 36×36, r1 = r2 = 6 is past the Khatri-Rao threshold: auto is L-BFGS from
     # lora-warm, the same run as an explicit lbfgs fit
@@ -179,3 +180,15 @@ def test_backtracking_evaluates_only_the_targets_still_backtracking_with_the_sam
     assert torch.equal(sub.history_per_target, whole.history_per_target)
     assert all(torch.equal(sub.params[k], whole.params[k]) for k in sub.params)
     assert n_sub < n_whole  # some step backtracked, and only its targets paid for it
+
+
+def test_a_lone_target_is_fit_as_the_first_of_a_batch_where_its_factors_are_unaligned_in_the_state():
+    # 64×49, r1 = r2 = 3: B2 starts 339 floats into a target's state, so a view of it (what
+    # ``contiguous`` gives for one target) is aligned otherwise than a batch's copy, and
+    # MKL's GEMMs round by alignment; the factors get buffers of their own
+    M = make_target("random", (64, 49), batch=3, seed=7).M
+    c = theory.get_method("abba").config(r1=3, r2=3)
+    kw = dict(solver="lbfgs", init="lora-warm", steps=30, tol=0)
+    both = F.fit("abba", M, c, **kw)
+    one = F.fit("abba", M[:1], c, **kw)
+    assert torch.equal(one.history_per_target[:, 0], both.history_per_target[:, 0])

@@ -49,6 +49,15 @@ def is_hadamard_pair(method) -> bool:
             and meth.product_offset is None)
 
 
+def is_modulated(method) -> bool:
+    """ΔW = s Σ_t F_t ⊙ (B_t A_t) (− W0): terms of one pair each, times a fixed matrix
+    (HiRA, HUT: W0; SMoA: its spectral slices)."""
+    meth = _method(method)
+    t = meth.product_terms
+    return (t is not None and all(len(pairs) == 1 for pairs in t)
+            and meth.product_modulator is not None)
+
+
 def is_low_rank(method) -> bool:
     """ΔW = s B A: one term of one pair, no fixed matrix (LoRA)."""
     meth = _method(method)

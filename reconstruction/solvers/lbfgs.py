@@ -97,8 +97,15 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
     def split(x: Tensor) -> Params:  # (b', P) -> {name: (b', *shape)} views, x's dtype
         return {k: v.reshape(x.shape[0], *s) for k, v, s in zip(names, torch.split(x, sizes, dim=1), shapes)}
 
-    def unflat(x: Tensor) -> Params:  # (b', P) state -> factors in their dtype
-        return {k: v.to(dtype).contiguous() for k, v in split(x).items()}
+    def flat(p: Params, rows: int) -> Tensor:  # {name: (rows, *shape)} -> (rows, P) state
+        return torch.cat([p[k].reshape(rows, -1).to(sd) for k in names], 1)
+
+    def unflat(x: Tensor) -> Params:
+        """(b', P) state -> factors in their dtype, each in a buffer of its own: MKL's GEMMs
+        round by the operands' alignment, and a view into x (what ``contiguous`` returns for
+        one target) is aligned otherwise than a batch's copy."""
+        return {k: v.to(dtype, copy=True, memory_format=torch.contiguous_format)
+                for k, v in split(x).items()}
 
     def evaluate(x: Tensor, fn=None, fix: Params | None = None) -> tuple[Tensor, Tensor]:
         """(b',) float64 errors and (b', P) gradients at x (b', P), by ``fn`` (default vg)."""
@@ -106,7 +113,7 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
             e, g = (fn or vg)({**unflat(x), **(fixed if fix is None else fix)})
         e = e.double()
         e = torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
-        gf = torch.cat([g[k].reshape(x.shape[0], -1) for k in names], 1).to(sd).nan_to_num_(0.0, 0.0, 0.0)
+        gf = flat(g, x.shape[0]).nan_to_num_(0.0, 0.0, 0.0)
         return e, gf
 
     def evaluate_rows(x: Tensor, rows_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +134,7 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         def dot(X: Tensor, Z: Tensor) -> Tensor:
             return (X * Z).sum(1)
 
-    x = torch.cat([params0[k].detach().reshape(b, -1) for k in names], 1).to(sd)  # (b, P)
+    x = flat({k: params0[k].detach() for k in names}, b)  # (b, P)
     e, g = evaluate(x)
     # the pairs of every target in one ring: iteration k writes slot (k - 1) % history for
     # all targets, an empty pair (rho = 0, zeros) where a target stored none, so the
@@ -158,7 +165,7 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
             r = q.mul_(gamma[:, None])  # H⁰ q, in place
         else:
             Hq = precondition(unflat(x))(split(q))
-            r = torch.cat([Hq[k].reshape(b, -1) for k in names], 1).to(sd)
+            r = flat(Hq, b)
         for i in reversed(newest_first):
             beta = rho[i] * dot(Y[i], r)
             r.addcmul_((alpha[i] - beta)[:, None], S[i])
@@ -175,12 +182,14 @@ def run_lbfgs(method, M: Tensor, w0: Tensor | None, config, params0: Params, *, 
         t = torch.where(active, t, torch.zeros_like(t))
         # batched backtracking: every target halves its own t until Armijo holds; where
         # every target is active and takes the first trial (the usual case), the trial
-        # point is the new point as it stands (no per-target selection)
+        # point is the new point as it stands (no per-target selection). Targets that
+        # stopped are not evaluated (with ``value_and_grad_for``)
         todo = active.clone()
+        every = bool(active.all())
         e_new = g_new = x_new = None
         for _ in range(HALVINGS):
             xt = torch.addcmul(x, t[:, None], r, value=-1.0)  # x + t d
-            et, gt = evaluate(xt) if x_new is None else evaluate_rows(xt, todo)
+            et, gt = evaluate(xt) if x_new is None and every else evaluate_rows(xt, todo)
             ok = todo & (et <= e + C1 * t * slope)
             if x_new is None and bool(ok.all()):
                 e_new, g_new, x_new = et, gt, xt

@@ -60,36 +60,72 @@ def gauss_newton(M: Tensor, st: Structure, own: tuple[str, str, str, str]
         """The row and column maps of the pair (B, A) whose partner is Bp Ap."""
         u = ((Bp @ (Ap @ Ap.mT)) * Bp).sum(-1)  # (b, m) row sums of (Bp Ap)²
         v = ((Ap.mT @ (Bp.mT @ Bp)) * Ap.mT).sum(-1)  # (b, n) column sums
-        S = u.sum(-1, keepdim=True)  # (b, 1)
-        cc = c.to(u)[:, None]
-        ru = S / (cc * (u + EPS * u.mean(-1, keepdim=True))).clamp_min(TINY)  # (b, m)
-        rv = S / (cc * (v + EPS * v.mean(-1, keepdim=True))).clamp_min(TINY)  # (b, n)
-        GA = _inverse((A * v[:, None, :]) @ A.mT).to(A)  # (b, r, r) (A diag(v) Aᵀ)⁻¹
-        GB = _inverse((B.mT * u[:, None, :]) @ B).to(B)  # (b, r, r) (Bᵀ diag(u) B)⁻¹
-        return ((lambda g: (g * ru.to(g)[..., None]) @ GA.to(g)),
-                (lambda g: (GB.to(g) @ g) * rv.to(g)[:, None, :]))
+        return _maps(B, A, u, v, c)
 
-    def maps(p: Params, c: Tensor) -> Callable[[Params], Params]:
-        fB1, fA1 = side(p[b1], p[a1], p[b2], p[a2], c)
-        fB2, fA2 = side(p[b2], p[a2], p[b1], p[a1], c)
+    def maps(p: Params, rows: slice) -> Callable[[Params], Params]:
+        fB1, fA1 = side(p[b1], p[a1], p[b2], p[a2], c[rows])
+        fB2, fA2 = side(p[b2], p[a2], p[b1], p[a1], c[rows])
         f = {b1: fB1, a1: fA1, b2: fB2, a2: fA2}
         return lambda g: {k: f[k](v) if k in f else v for k, v in g.items()}
 
+    return _per_target(maps, c.shape[0], M.device.type == "cuda")
+
+
+def _maps(B: Tensor, A: Tensor, u: Tensor, v: Tensor, c: Tensor):
+    """H⁰'s maps of the pair (B, A) (b, m, r), (b, r, n) whose squared partner has row
+    sums u (b, m) and column sums v (b, n): g_B -> S/(c ũ) g_B (A diag(v) Aᵀ)⁻¹ and
+    g_A -> S/(c ṽ) (Bᵀ diag(u) B)⁻¹ g_A, with c (b,)."""
+    S = u.sum(-1, keepdim=True)  # (b, 1)
+    cc = c.to(u)[:, None]
+    ru = S / (cc * (u + EPS * u.mean(-1, keepdim=True))).clamp_min(TINY)  # (b, m)
+    rv = S / (cc * (v + EPS * v.mean(-1, keepdim=True))).clamp_min(TINY)  # (b, n)
+    GA = _inverse((A * v.to(A)[:, None, :]) @ A.mT).to(A)  # (b, r, r) (A diag(v) Aᵀ)⁻¹
+    GB = _inverse((B.mT * u.to(B)[:, None, :]) @ B).to(B)  # (b, r, r) (Bᵀ diag(u) B)⁻¹
+    return ((lambda g: (g * ru.to(g)[..., None]) @ GA.to(g)),
+            (lambda g: (GB.to(g) @ g) * rv.to(g)[:, None, :]))
+
+
+def _per_target(maps: Callable[[Params, slice], Callable[[Params], Params]], b: int, cuda: bool
+                ) -> Callable[[Params], Callable[[Params], Params]]:
+    """at(params) from maps(params of some targets, their slice): on a CPU target by target
+    (the BLAS picks other kernels for other batch sizes, and a target's steps must not
+    depend on its batch, bit for bit), on a GPU batched."""
     def at(p: Params) -> Callable[[Params], Params]:
-        b = c.shape[0]
-        if M.device.type != "cuda" and b > 1:
-            # on a CPU target by target: the BLAS picks other kernels for other batch
-            # sizes, and a target's steps must not depend on its batch (bit for bit)
-            one = [maps({k: v[t:t + 1] for k, v in p.items()}, c[t:t + 1]) for t in range(b)]
+        if cuda or b == 1:
+            return maps(p, slice(None))
+        one = [maps({k: v[t:t + 1] for k, v in p.items()}, slice(t, t + 1)) for t in range(b)]
 
-            def apply(g: Params) -> Params:
-                outs = [one[t]({k: v[t:t + 1] for k, v in g.items()}) for t in range(b)]
-                return {k: torch.cat([o[k] for o in outs]) for k in g}
+        def apply(g: Params) -> Params:
+            outs = [one[t]({k: v[t:t + 1] for k, v in g.items()}) for t in range(b)]
+            return {k: torch.cat([o[k] for o in outs]) for k in g}
 
-            return apply
-        return maps(p, c)
+        return apply
 
     return at
+
+
+def gauss_newton_modulated(M: Tensor, st: Structure) -> Callable[[Params], Callable[[Params], Params]]:
+    """The same H⁰ for a modulated update s Σ_t F_t ⊙ (B_t A_t) (``modulated.applies``:
+    SMoA, HiRA, HUT): each pair's partner is its fixed F_t, so u, v are the row and column
+    sums of F_t², computed once, and P2² ≈ u vᵀ / S is K-FAC's approximation of F_t²
+    (the curvature across terms is left to L-BFGS's pairs). For targets M (b, m, n):
+    at(params) -> apply(g) -> H⁰ g."""
+    s = float(st.scale)
+    nrm = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)  # (b,)
+    c = 2 * s * s / nrm  # (b,)
+    sums = []  # (B name, A name, u (b, m), v (b, n)) float64, per term
+    for term in st.terms:
+        (bn, an), = term.pairs
+        F2 = term.fixed * term.fixed
+        sums.append((bn, an, F2.sum(-1, dtype=torch.float64), F2.sum(-2, dtype=torch.float64)))
+
+    def maps(p: Params, rows: slice) -> Callable[[Params], Params]:
+        f = {}
+        for bn, an, u, v in sums:
+            f[bn], f[an] = _maps(p[bn], p[an], u[rows], v[rows], c[rows])
+        return lambda g: {k: f[k](x) if k in f else x for k, x in g.items()}
+
+    return _per_target(maps, c.shape[0], M.device.type == "cuda")
 
 
 def _inverse(G: Tensor) -> Tensor:
