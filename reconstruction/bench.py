@@ -659,6 +659,34 @@ def bench_precondition(size: int, r: int, iters: int, device: str, dtype) -> dic
 _FIG2_TARGETS = ("orthogonal", "lowrank", "sparse", "random")
 
 
+def bench_modulated(size: int, rank: int, device: str, dtype) -> dict:
+    """(k) the modulated updates (SMoA, HiRA, HUT) at the budget of rank-``rank`` LoRA:
+    ALS (200 sweeps, its stopping rule) against 5 ALS sweeps + preconditioned L-BFGS
+    (``fit._run_modulated``, its stopping rule), same targets and W0, each fit's defaults."""
+    from .run import config_for, load_w0
+    from .targets import make_target
+
+    tg = [make_target(k, (size, size), seed=0) for k in _FIG2_TARGETS]
+    M = torch.cat([t.M for t in tg]).to(device=device, dtype=dtype)
+    w0 = torch.cat([load_w0("gaussian", t, 0, dtype, device)[0] for t in tg])
+    rows = []
+    for name in ("smoa", "hira", "hut"):
+        meth = theory.get_method(name)
+        cfg, _ = config_for(meth, size, size, rank, "equal", strict=False)  # the sweep's config
+        row = {"method": name, "config": str(cfg)}
+        for solver in ("als", "lbfgs"):
+            _sync(device)
+            t = time.perf_counter()
+            res = F.fit(name, M, cfg, w0=w0, solver=solver)
+            _sync(device)
+            row[solver] = {"seconds": time.perf_counter() - t, "errors": [float(e) for e in res.rel_error],
+                           "steps": [int(k) for k in res.steps_per_target]}
+        row["ratio"] = row["als"]["seconds"] / max(row["lbfgs"]["seconds"], 1e-12)
+        row["lower"] = sum(a <= b for a, b in zip(row["lbfgs"]["errors"], row["als"]["errors"]))
+        rows.append(row)
+    return {"bench": "modulated", "size": size, "rank": rank, "batch": M.shape[0], "rows": rows}
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
@@ -666,7 +694,7 @@ SIZES = {
     # (a) size, batch, steps; (b) size, {solver: step counts}; (c) size, ALS, Adam steps;
     # (d) size, token counts; (e) size, ranks, iterations (None: the sweep's defaults);
     # (f) size, LoRA-rank budget; (g) size, r; (h) size, r, iterations; (i) size;
-    # (j) size, r, iterations
+    # (j) size, r, iterations; (k) size, LoRA-rank budget
     "full": dict(a=(256, 64, {"als": 20, "adam": 200}),
                  b=(1024, {"als": (), "adam": (20, 220)}),
                  c=(256, 60, 3000, 300),
@@ -676,7 +704,8 @@ SIZES = {
                  g=(1000, 36),
                  h=(1000, 36, 100),
                  i=(1000,),
-                 j=(1000, 36, 1000)),
+                 j=(1000, 36, 1000),
+                 k=(1000, 72)),
     "quick": dict(a=(64, 16, {"als": 5, "adam": 50}),
                   b=(192, {"als": (), "adam": (10, 110)}),
                   c=(64, 30, 1500, 150),
@@ -686,7 +715,8 @@ SIZES = {
                   g=(96, 8),
                   h=(96, 8, 40),
                   i=(160,),
-                  j=(96, 6, 120)),
+                  j=(96, 6, 120),
+                  k=(96, 8)),
 }
 
 
@@ -796,6 +826,15 @@ def report(results: list[dict]) -> str:
                 f"{', '.join(f'{e:.4f}' for e in b['errors'])}; the plain run's final errors reached at "
                 f"iteration {its}"
                 + (f" -> {r['ratio']:.2f}× less time to them" if "ratio" in r else ""))
+        elif r["bench"] == "modulated":
+            lines.append(f"(k) modulated updates, {r['size']}×{r['size']}, {r['batch']} Figure 2 targets, "
+                         f"the budget of LoRA r = {r['rank']}: ALS against ALS warm-up + L-BFGS with H⁰")
+            for x in r["rows"]:
+                a, b = x["als"], x["lbfgs"]
+                lines.append(f"    {x['method']:<5} {x['config']:<22} ALS {a['seconds']:6.1f}s "
+                             f"({', '.join(f'{e:.4f}' for e in a['errors'])}); L-BFGS {b['seconds']:6.1f}s "
+                             f"({', '.join(f'{e:.4f}' for e in b['errors'])}): {x['ratio']:.2f}× ALS's speed, "
+                             f"lower or equal on {x['lower']} of {len(a['errors'])}")
         elif r["bench"] == "forward":
             lines.append(f"(d) ABBA forward at {r['size']}×{r['size']} (abba {r['config']}): "
                          "Khatri-Rao vs forming ΔW")
@@ -814,8 +853,8 @@ def report(results: list[dict]) -> str:
 def build_parser() -> cli.Parser:
     ap = cli.Parser(prog="python -m reconstruction.bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    ap.add_argument("--only", default="abcdeghij",
-                    help="which benchmarks, e.g. 'ae' (default abcdeghij; f, the stopping rule at "
+    ap.add_argument("--only", default="abcdeghijk",
+                    help="which benchmarks, e.g. 'ae' (default abcdeghijk; f, the stopping rule at "
                          "1000×1000, about half an hour on 2 cores, only when asked)")
     ap.add_argument("--solver", choices=("als", "adam", "both"), default="both",
                     help="solver(s) for (a) (default both)")
@@ -832,9 +871,9 @@ def main(argv=None) -> int:
     def work():
         device = cli.check_device(args.device)
         dtype = DTYPES[args.dtype]
-        bad = set(args.only) - set("abcdefghij")
+        bad = set(args.only) - set("abcdefghijk")
         if bad or not args.only:
-            raise ValueError(f"--only takes letters from 'abcdefghij', got {args.only!r}")
+            raise ValueError(f"--only takes letters from 'abcdefghijk', got {args.only!r}")
         cli.check_writable_file(args.json, "--json")
         S = SIZES["quick" if args.quick else "full"]
         smallest = min(v[0] for k, v in S.items() if k in args.only)
@@ -863,8 +902,9 @@ def main(argv=None) -> int:
             "h": lambda: bench_lbfgs_state(*S["h"], device, dtype),
             "i": lambda: bench_blocked(*S["i"], device, dtype),
             "j": lambda: bench_precondition(*S["j"], device, dtype),
+            "k": lambda: bench_modulated(*S["k"], device, dtype),
         }
-        for k in "abcdefghij":
+        for k in "abcdefghijk":
             if k in args.only:
                 got = todo[k]()
                 got = got if isinstance(got, list) else [got]

@@ -34,6 +34,7 @@ from theory import spectra
 
 from . import fit as F
 from . import io as rio
+from .solvers.common import is_modulated
 
 #: at most this many distinct (target, seed) fits in one batch
 MAX_FITS = 8
@@ -123,10 +124,10 @@ def batches(cells: Sequence[tuple[Cell, Any]], device: str = "cpu", batched: boo
 
 #: a fit's estimated seconds at 1000×1000 on one CPU thread, a + b·p with p its trainable
 #: parameters over (m + n) (its LoRA-rank equivalent), per solver (``exact``: VeRA's and
-#: LoKr's ALS), read off the Figure 2 grid's per-fit times (README, "Sweeps at scale");
-#: only their ratios are used
+#: LoKr's ALS; ``modulated``: SMoA's, HiRA's and HUT's L-BFGS), read off the Figure 2
+#: grid's per-fit times (README, "Sweeps at scale"); only their ratios are used
 COST = {"svd": (0.3, 0.0), "exact": (4.0, 0.05), "als": (0.0, 0.7), "adam": (0.0, 0.3),
-        "lbfgs": (0.0, 1.0)}
+        "lbfgs": (0.0, 1.0), "modulated": (0.0, 0.5)}
 
 
 def cost(batch: Batch) -> float:
@@ -139,6 +140,8 @@ def cost(batch: Batch) -> float:
     solver = F.auto_solver(meth, cfg, c0.m, c0.n) if c0.solver == "auto" else c0.solver
     if solver == "als" and meth.exact_als is not None:
         solver = "exact"
+    if solver == "lbfgs" and is_modulated(meth):
+        solver = "modulated"
     a, b = COST.get(solver, (0.0, 1.0))
     p = meth.n_params(c0.m, c0.n, cfg) / (c0.m + c0.n)
     return len(batch.fits) * c0.batch * c0.m * c0.n / 1e6 * (a + b * p)

@@ -29,7 +29,7 @@ Solvers (every one batched over the targets, on any device, float32 or float64):
   HiRA, HUT; ``solvers.modulated``) on targets of a side >= 512: ``WARM_SWEEPS`` ALS
   sweeps, then L-BFGS with the Gauss-Newton H⁰ of each F_t
   (``precondition.gauss_newton_modulated``), which ends lower than 200 sweeps of ALS
-  in a third of the time (README, "Sweeps at scale").
+  in a fifth to a half of the time (README, "Sweeps at scale").
 
 Several ALS starts are screened: each runs a tenth of the sweeps, and the best per
 target runs the rest (total work ≈ 1.2 single runs for 3 starts), where a later
@@ -216,7 +216,13 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
     costs O(m n (r1² + r2²)) per sweep, 0.666 in 8 s per target against 0.672 in
     89 s. At 256×256, r1 = r2 = 8, the two tie (0.1917 / 0.7951 / 0.7220 / 0.5835 by
     ALS in 1.2 s, 0.1917 / 0.7942 / 0.7228 / 0.5806 by 500 L-BFGS iterations in
-    1.7 s) and ALS, guarded and monotone, is kept."""
+    1.7 s) and ALS, guarded and monotone, is kept. The modulated updates (SMoA, HiRA,
+    HUT) go to L-BFGS on the same targets (side >= ``LBFGS_FROM``): 5 ALS sweeps, then
+    preconditioned L-BFGS (``_run_modulated``), which at 1000×1000 on Figure 2's four
+    targets (the Figure 2 grid, r = 8-72) ended at or below ALS's 200 sweeps on 106 of
+    108 cells (the other two +0.0001), in 0.2-0.5× the time at r = 16-72 and about the
+    same at r = 8 (SMoA r = 72: 0.7357 against 0.7365 on the orthogonal target, 31 s
+    against 156 s per batch of four); at 256×200 ALS is as good and faster, and is kept."""
     meth = method if isinstance(method, theory.Method) else theory.get_method(method)
     avail = solvers_for(meth)
     chosen = "svd" if "svd" in avail else ("als" if "als" in avail else "adam")
@@ -347,9 +353,10 @@ def fit(method, M: Tensor, config: Config | None = None, *, w0: Tensor | None = 
     each target gets the starts, and the W0 stand-in, of a fit of it alone with its
     seed). ``steps``: Adam steps (default 2000), ALS sweeps (default 200) or L-BFGS
     iterations (default 1000; 600 for ABBA and LoHa, whose L-BFGS takes the Gauss-Newton
-    H⁰ of ``solvers.precondition`` unless ``precondition=False``, then 1000 plain ones).
-    ``restarts``: number of starts (seeds seed, seed+1, ...); the best is kept per target
-    (ALS: screened, see the module docstring). ``tol``/``window``: stop a target when its
+    H⁰ of ``solvers.precondition`` unless ``precondition=False``, then 1000 plain ones;
+    at most 400 for SMoA, HiRA and HUT, after ``WARM_SWEEPS`` ALS sweeps, with their H⁰
+    unless ``precondition=False``). ``restarts``: number of starts (seeds seed, seed+1,
+    ...); the best is kept per target (ALS: screened, see the module docstring). ``tol``/``window``: stop a target when its
     error improved by less than ``tol`` (relative) over ``window`` steps/sweeps (None: the
     solver's default, ``STOP``). ``params0``: start from these factors (batched like the
     targets, e.g. another fit's ``params``: ALS then Adam) instead of an init.

@@ -253,7 +253,7 @@ def test_bench_quick_prints_every_default_benchmark(tmp_path):
     p = cli("--quick", "--json", str(tmp_path / "b.json"), module="reconstruction.bench",
             timeout=400)
     assert p.returncode == 0, p.stderr
-    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)", "(g)", "(h)", "(i)", "(j)"):
+    for tag in ("(a)", "(b)", "(c)", "(d)", "(e)", "(g)", "(h)", "(i)", "(j)", "(k)"):
         assert tag in p.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     res = {r["bench"]: r for r in data["results"]}
@@ -286,6 +286,13 @@ def test_bench_quick_prints_every_default_benchmark(tmp_path):
     j = res["precondition"]
     assert all(e < 1.0 for e in j["gauss_newton"]["errors"] + j["plain"]["errors"])
     assert sum(k is not None and k <= j["iters"] for k in j["iters_to_plain_final"]) >= 3
+    # (k) SMoA, HiRA, HUT by ALS and by the ALS warm-up + preconditioned L-BFGS: both end
+    # below the zero update, within 0.01 of each other at 96×96 (at 1000×1000 L-BFGS lower)
+    k = res["modulated"]
+    assert [r["method"] for r in k["rows"]] == ["smoa", "hira", "hut"]
+    for r in k["rows"]:
+        assert r["ratio"] > 0 and all(e < 1.0 for e in r["als"]["errors"] + r["lbfgs"]["errors"])
+        assert max(abs(a - b) for a, b in zip(r["als"]["errors"], r["lbfgs"]["errors"])) < 0.01
 
 
 def test_live_bytes_mode_counts_peak_of_live_tensors():

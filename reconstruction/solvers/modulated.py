@@ -10,7 +10,7 @@ With the residual R = M + O − s Σ_t F_t ⊙ (B_t A_t) and W_t = F_t ⊙ R,
 
     ∂e/∂B_t = −2 s W_t A_tᵀ / ‖M‖²,     ∂e/∂A_t = −2 s B_tᵀ W_t / ‖M‖²:
 
-three GEMMs of m n r_t flops per term and two element-wise passes, no autograd graph
+three GEMMs of m n r_t flops per term and a few element-wise passes, no autograd graph
 (the L-BFGS of ``fit`` for these methods, with the Gauss-Newton H⁰ of
 ``precondition.gauss_newton_modulated``). On a CPU with one thread (each worker of a
 sweep) it runs target by target, ``ROW_BLOCK`` rows at a time, with every intermediate in
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .common import ROW_BLOCK, Params, Structure, bmm, row_blocked
+from .common import ROW_BLOCK, Params, Structure, Term, bmm, row_blocked
 
 
 def applies(st: Structure | None) -> bool:
@@ -36,8 +36,6 @@ def applies(st: Structure | None) -> bool:
 
 def subset(st: Structure, rows: Tensor) -> Structure:
     """The structure of the targets ``rows`` alone (their modulators and offset)."""
-    from .common import Term
-
     return Structure([Term(list(t.pairs), t.fixed.index_select(0, rows)) for t in st.terms],
                      st.scale, None if st.offset is None else st.offset.index_select(0, rows))
 

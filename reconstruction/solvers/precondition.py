@@ -30,7 +30,11 @@ products: at 1000×1000 from ``lora-warm`` the preconditioned run reaches the er
 600 end within +0.0013 of 1000 plain ones on Figure 2's cells, lower on about half
 (README, "Sweeps at scale").
 Each target's H⁰ uses its own factors alone, and on a CPU is computed target by
-target: the same numbers, bit for bit, alone or in a batch."""
+target: the same numbers, bit for bit, alone or in a batch.
+
+``gauss_newton_modulated`` is the same H⁰ for the modulated updates s Σ_t F_t ⊙ (B_t A_t)
+(SMoA, HiRA, HUT), where each pair's partner is a fixed matrix F_t: u and v are the row
+and column sums of F_t², computed once."""
 
 from __future__ import annotations
 
@@ -107,8 +111,8 @@ def _per_target(maps: Callable[[Params, slice], Callable[[Params], Params]], b: 
 def gauss_newton_modulated(M: Tensor, st: Structure) -> Callable[[Params], Callable[[Params], Params]]:
     """The same H⁰ for a modulated update s Σ_t F_t ⊙ (B_t A_t) (``modulated.applies``:
     SMoA, HiRA, HUT): each pair's partner is its fixed F_t, so u, v are the row and column
-    sums of F_t², computed once, and P2² ≈ u vᵀ / S is K-FAC's approximation of F_t²
-    (the curvature across terms is left to L-BFGS's pairs). For targets M (b, m, n):
+    sums of F_t², computed once, and F_t² ≈ u vᵀ / S (exact where F_t² has rank one, a
+    test); the curvature across terms is left to L-BFGS's pairs. For targets M (b, m, n):
     at(params) -> apply(g) -> H⁰ g."""
     s = float(st.scale)
     nrm = M.pow(2).sum((-2, -1), dtype=torch.float64).clamp_min(1e-300)  # (b,)
