@@ -44,18 +44,25 @@ def test_blocked_row_form_gradient_equals_the_batched_one_and_is_batch_blind(nam
     if kind == "weight_norm":  # DoRA's magnitudes start at the row norms of W0
         p[v_name] = torch.linalg.vector_norm(w0, dim=-1) * (1 + 0.1 * torch.randn(B_, M_, generator=g))
     cfg = type("Cfg", (), {"scale": 0.7})()
+    _check_blocked(lambda i: rowscale.value_and_grad(meth, *((M, w0) if i is None else
+                                                           (M[i:i + 1], w0[i:i + 1])), cfg), p)
+
+
+def _check_blocked(make, p):
+    """``make(None)``: the batch's value_and_grad, ``make(i)``: target i's alone. Built with
+    two threads (the batched expression) and one (row-blocked): the same errors and
+    gradients, and the blocked numbers of each target are its lone numbers, bit for bit."""
     with threads(2):
-        batched = rowscale.value_and_grad(meth, M, w0, cfg)
+        batched = make(None)
     with threads(1):
-        blocked = rowscale.value_and_grad(meth, M, w0, cfg)
+        blocked = make(None)
         e1, g1 = batched(p)
         e2, g2 = blocked(p)
         assert float(((e1 - e2) / e1).abs().max()) < 1e-6
         for k in g1:
             assert _rel(g2[k], g1[k]) < 1e-5, k
         for i in range(B_):
-            fi = rowscale.value_and_grad(meth, M[i:i + 1], w0[i:i + 1], cfg)
-            ei, gi = fi({k: v[i:i + 1] for k, v in p.items()})
+            ei, gi = make(i)({k: v[i:i + 1] for k, v in p.items()})
             assert torch.equal(ei, e2[i:i + 1]) and all(torch.equal(gi[k], g2[k][i:i + 1]) for k in g2)
 
 
@@ -102,15 +109,5 @@ def test_blocked_modulated_gradient_equals_the_batched_one_and_is_batch_blind(na
     g = torch.Generator().manual_seed(2)
     st, p = next((st, p) for n, st, p in _structures(g) if n == name)
     M = torch.randn(B_, M_, N_, generator=g)
-    with threads(2):
-        batched = modulated.value_and_grad(M, st)
-    with threads(1):
-        blocked = modulated.value_and_grad(M, st)
-        e1, g1 = batched(p)
-        e2, g2 = blocked(p)
-        assert float(((e1 - e2) / e1).abs().max()) < 1e-6
-        for k in g1:
-            assert _rel(g2[k], g1[k]) < 1e-5, k
-        for i in range(B_):
-            ei, gi = modulated.value_and_grad(M[i:i + 1], _one(st, i))({k: v[i:i + 1] for k, v in p.items()})
-            assert torch.equal(ei, e2[i:i + 1]) and all(torch.equal(gi[k], g2[k][i:i + 1]) for k in g2)
+    _check_blocked(lambda i: modulated.value_and_grad(M, st) if i is None else
+                   modulated.value_and_grad(M[i:i + 1], _one(st, i)), p)
