@@ -37,10 +37,13 @@ make no sense for the local executor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import socket
+import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -180,14 +183,34 @@ def _import_ray():
     return ray
 
 
+#: the client's opening of an HTTP/2 (gRPC) connection: the preface, then an empty SETTINGS frame
+_H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def _check_reachable(address: str) -> None:
-    """A HOST:PORT (or ray://HOST:PORT) address answers a TCP connection."""
+    """A HOST:PORT (or ray://HOST:PORT) address answers a TCP connection and speaks gRPC
+    there: Ray's GCS (and its client server) answer the HTTP/2 preface with a SETTINGS
+    frame. Ray itself would wait without end on a port where something accepts and stays
+    silent. With ``RAY_USE_TLS`` set, only the TCP connection is checked."""
     hostport = address.split("://", 1)[-1]
     host, sep, port = hostport.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"--address {address}: give auto or HOST:PORT (e.g. 10.0.0.1:6379)")
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "", "false"):
+                conn.settimeout(CONNECT_TIMEOUT)
+                conn.sendall(_H2_HELLO)
+                head = b""
+                while len(head) < 9 and (chunk := conn.recv(9 - len(head))):
+                    head += chunk
+                if len(head) < 9 or head[3] != 4:  # the frame type of SETTINGS
+                    raise ValueError(f"--address {address}: something answers there, but not "
+                                     "a Ray cluster (no gRPC reply); give the head node's GCS "
+                                     "port, 6379 by default")
+    except TimeoutError:
+        raise ValueError(f"--address {address}: no Ray cluster answers there (no reply in "
+                         f"{CONNECT_TIMEOUT:g} s)") from None
     except OSError as e:
         why = e.strerror or str(e) or type(e).__name__
         raise ValueError(f"--address {address}: no Ray cluster answers there ({why})") from None
@@ -327,9 +350,31 @@ def _init(ray, tries: int = 3, **kw) -> None:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        _init_tries(ray, tries, **kw)
+        # joining starts no process of Ray's here, so its C++ client's retry lines (one a
+        # second, e.g. at a port where something else answers) can be held back; a local
+        # start is not wrapped, its raylet and GCS would inherit the file
+        with _held_stderr() if kw.get("address") else contextlib.nullcontext():
+            _init_tries(ray, tries, **kw)
     finally:
         quiet.setLevel(level)
+
+
+@contextlib.contextmanager
+def _held_stderr():
+    """File descriptor 2 goes to a temporary file for the block: what Ray's C++ core
+    writes there while it connects is dropped, so a failed join is the tool's one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _init_tries(ray, tries: int, **kw) -> None:

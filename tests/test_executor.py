@@ -5,7 +5,10 @@ stopping the others, and GPU requests scheduled by Ray (fractional ones shared).
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +93,49 @@ def test_an_unreachable_address_is_one_line_and_quick():
     with pytest.raises(ValueError) as e:
         X.make("ray", address="127.0.0.1:1")
     assert str(e.value).startswith("--address 127.0.0.1:1: no Ray cluster answers there")
+    assert "\n" not in str(e.value)
+
+
+def _listener(reply: bytes | None):
+    """A local TCP port that accepts; it answers the first bytes it gets with ``reply``,
+    or stays silent (``None``)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if reply is not None:
+                conn.recv(64)
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, f"127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_a_port_that_accepts_and_stays_silent_is_refused_in_seconds_not_waited_on():
+    """Ray's own join waits without end there (measured: over 300 s)."""
+    pytest.importorskip("ray")
+    srv, addr = _listener(None)
+    t = time.monotonic()
+    with srv, pytest.raises(ValueError) as e:
+        X.make("ray", address=addr)
+    assert time.monotonic() - t < X.CONNECT_TIMEOUT + 5
+    assert str(e.value) == f"--address {addr}: no Ray cluster answers there (no reply in 5 s)"
+
+
+def test_a_port_where_something_else_answers_is_not_taken_for_a_ray_cluster():
+    pytest.importorskip("ray")
+    srv, addr = _listener(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    with srv, pytest.raises(ValueError) as e:
+        X.make("ray", address=addr)
+    assert str(e.value).startswith(f"--address {addr}: something answers there, but not a Ray cluster")
     assert "\n" not in str(e.value)
 
 

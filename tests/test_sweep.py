@@ -369,6 +369,28 @@ def test_more_gpus_per_task_than_the_cluster_has_exits_2_and_keeps_finished_cell
     assert (out / "cells.jsonl").read_bytes() == before
 
 
+def test_an_address_with_no_ray_cluster_exits_2_with_one_line_and_keeps_finished_cells(
+        tmp_path, capsys):
+    """A port that accepts and stays silent (Ray's own join would wait there without end)."""
+    pytest.importorskip("ray")
+    import socket
+
+    out = tmp_path / "s"
+    argv = ["--methods", "lora", "--ranks", "2", "--size", "16", "--out", str(out), "--no-figure"]
+    assert S.main(argv) == 0
+    before = (out / "cells.jsonl").read_bytes()
+    capsys.readouterr()
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        addr = f"127.0.0.1:{srv.getsockname()[1]}"
+        assert S.main([*argv, "--ranks", "2,4", "--executor", "ray", "--address", addr]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: --address {addr}: no Ray cluster answers there "
+                                        "(no reply in 5 s)"]
+    assert (out / "cells.jsonl").read_bytes() == before
+
+
 def test_ray_not_installed_exits_2_with_one_line(tmp_path):
     fake = tmp_path / "noray" / "ray"
     fake.mkdir(parents=True)
