@@ -834,7 +834,7 @@ def main(argv=None) -> int:
             print(format_table(comp))
             print(f"written: {', '.join(str(p) for p in paths)}\n")
 
-        if args.executor == "ray" and not args.report_only:
+        if ex.kind == "ray" and not args.report_only:
             print(ex.describe(), file=sys.stderr)
         with ex:
             for job in jobs:

@@ -128,6 +128,9 @@ def batches(cells: Sequence[tuple[Cell, Any]], device: str = "cpu", batched: boo
 #: grid's per-fit times (README, "Sweeps at scale"); only their ratios are used
 COST = {"svd": (0.3, 0.0), "exact": (4.0, 0.05), "als": (0.0, 0.7), "adam": (0.0, 0.3),
         "lbfgs": (0.0, 1.0), "modulated": (0.0, 0.5)}
+#: seconds of one CPU thread here per unit of ``cost``: the Figure 2 grid's 96 batches
+#: come to 6957 units and took 1561 s of fitting in one-thread tasks (2026-12-07)
+SECONDS_PER_COST = 0.224
 
 
 def cost(batch: Batch) -> float:

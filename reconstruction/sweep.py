@@ -5,7 +5,10 @@ call of the solvers (``reconstruction.cells``); each cell's numbers are those of
 of it alone, and the results stay per cell. The batches run one after another in this
 process (``--executor local``) or as Ray tasks on this machine or a cluster
 (``--executor ray [--address auto|HOST:PORT] [--cpus-per-task N] [--gpus-per-task G]``,
-docs/cluster.md); either way only this process (the driver) writes the results.
+docs/cluster.md); either way only this process (the driver) writes the results. The
+default, ``--executor auto``, is Ray on this machine's cores (one one-thread task per
+core) for a grid of ``LONG_JOB`` estimated seconds or more on a multi-core CPU, else
+local; the first line says which executor runs and what it has.
 
 Each finished cell is appended at once to ``<out>/cells.jsonl`` (one JSON line,
 fsynced), and the aggregated table ``results.json`` / ``results.csv`` is rewritten
@@ -44,10 +47,11 @@ import torch
 import cli
 import theory
 from cli import executor as X
+from cli.eta import Eta
 
 from . import io as rio
 from . import published
-from .cells import MAX_FITS, Cell, batches, cost, run_batch
+from .cells import MAX_FITS, SECONDS_PER_COST, Cell, batches, cost, run_batch
 from .fit import SOLVERS, inits_for, solvers_for
 from .run import CONVENTIONS, DTYPES, config_for, evaluate, resolve_methods  # noqa: F401
 
@@ -185,7 +189,6 @@ def run_sweep(grid: Grid, out: Path, *, max_cells: int | None = None,
     tasks = batches(todo, grid.device, batched)
     work = {id(t): cost(t) for t in tasks}  # estimated, for the order and the time left
     tasks.sort(key=lambda t: work[id(t)], reverse=True)  # largest first
-    work_all = work_left = sum(work.values())
     meta = {"grid": {**dataclasses.asdict(grid), "shape": list(grid.shape)},
             "n_cells": len(cells), "notes": notes, "torch": torch.__version__,
             "executor": ex.kind}
@@ -200,6 +203,7 @@ def run_sweep(grid: Grid, out: Path, *, max_cells: int | None = None,
         bar = tqdm(total=len(todo), desc="sweep", unit="cell", file=sys.stderr)
     computed, failed_now = 0, []
     t0 = time.perf_counter()
+    eta = Eta([(id(t), work[id(t)]) for t in tasks], slots=ex.slots, t0=t0)
     try:
         for task, result in ex.map(run_batch, tasks):
             if isinstance(result, X.TaskFailed):
@@ -216,12 +220,11 @@ def run_sweep(grid: Grid, out: Path, *, max_cells: int | None = None,
                     failed_now.append(rec)
             computed += len(recs)
             rio.write_results(out, _table(cells, done), meta)
-            elapsed = time.perf_counter() - t0
-            work_left -= work.get(id(task), 0.0)
-            left = elapsed / max(work_all - work_left, 1e-12) * work_left
+            now = time.perf_counter()
+            elapsed, left = now - t0, eta.finished(id(task), now)
             if bar is not None:
                 bar.update(len(recs))
-                bar.set_postfix_str(f"{task.label()}"[:60])
+                bar.set_postfix_str(f"{task.label()}"[:50] + f"; about {_duration(left)} left")
             else:
                 log(f"[{computed}/{len(todo)} cells, {len(failed_now)} failed] {task.label()} "
                     f"{'failed' if isinstance(result, X.TaskFailed) else 'done'}; "
@@ -396,6 +399,21 @@ def grid_from_args(args) -> Grid:
     return grid
 
 
+#: ``--executor auto`` runs a grid on a local Ray instance (one one-thread task per core)
+#: from this many estimated seconds of one-thread fitting: starting the instance costs
+#: 20-40 s here, two one-thread workers save about a third of the wall time
+LONG_JOB = 300.0
+
+
+def estimated_seconds(grid: Grid, out: Path, max_cells: int | None = None) -> float:
+    """One CPU thread's estimated fitting time of the cells not yet in ``out`` (at most
+    ``max_cells`` of them)."""
+    cells, _ = plan(grid)
+    done = load_done(out)
+    todo = [(c, cfg) for c, cfg in cells if c.key not in done][:max_cells]
+    return sum(cost(t) for t in batches(todo, grid.device, True)) * SECONDS_PER_COST
+
+
 def _check_memory(grid: Grid, ex: X.Executor) -> None:
     """The largest batch (targets, W0, ΔW and the solvers' state) fits in memory."""
     m, n = grid.shape
@@ -417,9 +435,12 @@ def work(args) -> None:
     grid = grid_from_args(args)
     out = args.out or Path("results/reconstruction") / (args.preset or "sweep")
     cli.check_writable_dir(out, "--out")
-    if args.executor == "local":
+    long_job = estimated_seconds(grid, out, args.max_cells) >= LONG_JOB
+    kind = X.choose(args.executor, address=args.address, cpus_per_task=args.cpus_per_task,
+                    gpus_per_task=args.gpus_per_task, device=grid.device, long_job=long_job)
+    if kind == "local":
         grid.device = cli.check_device(grid.device)
-    ex = X.from_args(args, device=grid.device)
+    ex = X.from_args(args, device=grid.device, long_job=long_job)
     with ex:
         _check_memory(grid, ex)
         say = lambda s: print(s, file=sys.stderr, flush=True)

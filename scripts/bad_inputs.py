@@ -51,7 +51,7 @@ CASES: list[tuple[str, list[str]]] = [
     (S, ["--ranks", "100", "--size", "16"]), (S, ["--size", "nan"]),
     (S, ["--size", "100000000"]), (S, ["--targets", "nosuch"]), (S, ["--seeds", "-1"]),
     (S, ["--conventions", "other"]), (S, ["--out", str(RO / "sub")]),
-    (S, ["--executor", "slurm"]), (S, ["--address", "auto"]),
+    (S, ["--executor", "slurm"]), (S, ["--executor", "local", "--address", "auto"]),
     (S, ["--executor", "ray", "--address", "127.0.0.1:1"]),
     (S, ["--executor", "ray", "--cpus-per-task", "0"]),
     (S, ["--executor", "ray", "--gpus-per-task", "-1"]),

@@ -50,7 +50,7 @@ def test_flags_are_added_by_one_helper_and_validated_by_the_parser(capsys):
     a = ap.parse_args(["--executor", "ray", "--address", "auto", "--cpus-per-task", "2",
                        "--gpus-per-task", "0.25"])
     assert (a.executor, a.address, a.cpus_per_task, a.gpus_per_task) == ("ray", "auto", 2.0, 0.25)
-    assert ap.parse_args([]).executor == "local"
+    assert ap.parse_args([]).executor == "auto"
     for bad in (["--executor", "slurm"], ["--gpus-per-task", "-1"], ["--cpus-per-task", "0"],
                 ["--gpus-per-task", "inf"]):
         with pytest.raises(SystemExit) as e:
@@ -67,6 +67,51 @@ def test_local_executor_yields_every_task_and_a_failure_does_not_stop_the_rest()
     failed = dict(got)[3]
     assert isinstance(failed, X.TaskFailed) and failed.reason == "ValueError: three is not welcome"
     assert "local" in ex.describe()
+
+
+@pytest.mark.parametrize("kw,cpus,ray_installed,chosen", [
+    (dict(), 2, True, "local"),                                     # a short job
+    (dict(long_job=True), 2, True, "ray"),                          # long, 2 cores, Ray
+    (dict(long_job=True), 1, True, "local"),                        # one core: nothing to spread
+    (dict(long_job=True), 2, False, "local"),                       # no Ray
+    (dict(long_job=True, device="cuda"), 2, True, "local"),         # one GPU, this process
+    (dict(address="auto"), 2, True, "ray"),                         # a Ray flag asks for Ray
+    (dict(cpus_per_task=2.0), 1, False, "ray"),                     # (and then needs it)
+    (dict(gpus_per_task=0.5, device="cuda"), 2, True, "ray"),
+])
+def test_auto_is_ray_for_a_long_cpu_job_on_several_cores_or_when_a_ray_flag_is_given(
+        monkeypatch, kw, cpus, ray_installed, chosen):
+    monkeypatch.setattr(X, "cpus_here", lambda: cpus)
+    if not ray_installed:
+        monkeypatch.setitem(sys.modules, "ray", None)
+    assert X.choose("auto", **kw) == chosen
+    assert X.choose("local", **kw) == "local" and X.choose("ray", **kw) == "ray"
+
+
+def test_auto_runs_here_and_says_why_when_ray_does_not_start(monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setattr(X, "cpus_here", lambda: 2)
+
+    def no_start(*a, **k):
+        raise ValueError("--executor ray: could not start or join a Ray cluster on this machine")
+
+    monkeypatch.setattr(X, "RayExecutor", no_start)
+    ex = X.make("auto", long_job=True)
+    assert ex.kind == "local"
+    assert ex.describe().endswith("; --executor auto: Ray did not start here (--executor ray: "
+                                  "could not start or join a Ray cluster on this machine), so "
+                                  "one process")
+    with pytest.raises(ValueError, match="could not start"):  # asked for by a flag: an error
+        X.make("auto", long_job=True, cpus_per_task=1.0)
+
+
+def test_auto_for_a_long_job_is_a_ray_executor_that_says_it_chose(monkeypatch):
+    _ray()
+    monkeypatch.setattr(X, "cpus_here", lambda: 2)
+    ex = X.make("auto", long_job=True)
+    assert ex.kind == "ray" and ex.slots == 2 and (ex.cpus, ex.gpus) == (1.0, 0.0)
+    assert ex.describe().endswith("; --executor auto for a long job (--executor local: one process)")
+    assert sorted(r for _, r in ex.map(square, [1, 2, 3])) == [1, 4, 9]
 
 
 @pytest.mark.parametrize("kw,says", [

@@ -305,7 +305,8 @@ BAD = [
     (["--size", "100000000", "--ranks", "8"], "needs about"),
     (["--device", "tpu"], "--device"),
     (["--executor", "local", "--address", "auto"], "--address is for --executor ray"),
-    (["--gpus-per-task", "1"], "--gpus-per-task is for --executor ray"),
+    (["--executor", "local", "--gpus-per-task", "1"], "--gpus-per-task is for --executor ray"),
+    (["--address", "127.0.0.1:1"], "no Ray cluster answers"),  # auto: a Ray flag asks for Ray
     (["--executor", "ray", "--gpus-per-task", "nan"], "--gpus-per-task"),
     (["--executor", "ray", "--cpus-per-task", "0"], "--cpus-per-task"),
     (["--executor", "ray", "--address", "127.0.0.1:1"], "no Ray cluster answers"),
@@ -464,6 +465,27 @@ def test_published_convention_doubles_only_abbas_ranks():
     assert set(got) == {("lora", "equal"), ("abba", "equal"), ("abba", "published")}
     assert (got[("abba", "equal")].r1, got[("abba", "equal")].r2) == (2, 2)
     assert (got[("abba", "published")].r1, got[("abba", "published")].r2) == (4, 4)
+
+
+def test_auto_executor_takes_ray_for_the_figure_2_grid_and_stays_local_for_a_quick_look(tmp_path):
+    """The estimate behind ``--executor auto``: the 1000×1000 grid is a long job (about
+    26 min of one-thread fitting measured), ``--size 256`` and a grid half done in ``out``
+    are judged on what is left."""
+    ap = S.build_parser()
+    full = S.grid_from_args(ap.parse_args(["--preset", "abba-fig2"]))
+    est = S.estimated_seconds(full, tmp_path / "none")
+    assert 0.7 * 1561 < est < 1.3 * 1561 and est >= S.LONG_JOB
+    quick = S.grid_from_args(ap.parse_args(["--preset", "abba-fig2", "--size", "256"]))
+    assert S.estimated_seconds(quick, tmp_path / "none") < S.LONG_JOB
+    assert S.estimated_seconds(full, tmp_path / "none", max_cells=4) < S.LONG_JOB
+
+
+def test_a_small_grid_runs_in_this_process_by_default(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert S.main(["--methods", "lora", "--ranks", "2", "--size", "16", "--out", str(out),
+                   "--no-figure"]) == 0
+    assert capsys.readouterr().err.startswith("executor: local (this process")
+    assert json.loads((out / "results.json").read_text())["meta"]["executor"] == "local"
 
 
 def test_preset_abba_fig2_is_the_papers_grid_and_size_shrinks_it():
