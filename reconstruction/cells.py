@@ -124,10 +124,11 @@ def batches(cells: Sequence[tuple[Cell, Any]], device: str = "cpu", batched: boo
 
 #: a fit's estimated seconds at 1000×1000 on one CPU thread, a + b·p with p its trainable
 #: parameters over (m + n) (its LoRA-rank equivalent), per solver (``exact``: VeRA's and
-#: LoKr's ALS; ``modulated``: SMoA's, HiRA's and HUT's L-BFGS), read off the Figure 2
-#: grid's per-fit times (README, "Sweeps at scale"); only their ratios are used
+#: LoKr's ALS; ``modulated``: SMoA's, HiRA's and HUT's L-BFGS; ``stopped-lbfgs``:
+#: α-LoRA's, ``fit.ADAM_TO_LBFGS``), read off the Figure 2 grid's per-fit times (README,
+#: "Sweeps at scale"); their ratios order the batches, ``SECONDS_PER_COST`` scales them
 COST = {"svd": (0.3, 0.0), "exact": (4.0, 0.05), "als": (0.0, 0.7), "adam": (0.0, 0.3),
-        "lbfgs": (0.0, 1.0), "modulated": (0.0, 0.5)}
+        "lbfgs": (0.0, 1.0), "modulated": (0.0, 0.5), "stopped-lbfgs": (3.4, 0.1)}
 #: seconds of one CPU thread here per unit of ``cost``: the Figure 2 grid's 96 batches
 #: come to 6957 units and took 1561 s of fitting in one-thread tasks (2026-12-07)
 SECONDS_PER_COST = 0.224
@@ -145,6 +146,8 @@ def cost(batch: Batch) -> float:
         solver = "exact"
     if solver == "lbfgs" and is_modulated(meth):
         solver = "modulated"
+    if solver == "lbfgs" and meth.name in F.ADAM_TO_LBFGS:
+        solver = "stopped-lbfgs"
     a, b = COST.get(solver, (0.0, 1.0))
     p = meth.n_params(c0.m, c0.n, cfg) / (c0.m + c0.n)
     return len(batch.fits) * c0.batch * c0.m * c0.n / 1e6 * (a + b * p)

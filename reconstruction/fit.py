@@ -120,6 +120,13 @@ PRECONDITIONED_ITERS = 600
 WARM_SWEEPS = 5
 MODULATED_ITERS = 400
 MODULATED_STOP = (2e-4, 20)
+#: methods that ``auto`` fits by L-BFGS instead of Adam on targets of a side >=
+#: ``LBFGS_FROM``, with their stopping rule (tol, window). α-LoRA, ΔW = (α − 1) ⊙ W0 + s B A:
+#: at 1000×1000 on Figure 2's four targets (r = 8, 40, 72; README "Sweeps at scale") it
+#: ends 0.0004-0.0018 lower than Adam's 2000 steps on the orthogonal target and within
+#: +0.00008 on the others, in 0.28-0.43× the time. DoRA stays with Adam: by L-BFGS it
+#: ends up to +0.005 higher on the orthogonal target (measured the same day)
+ADAM_TO_LBFGS = {"alpha_lora": (1e-4, 20)}
 #: several ALS starts run 1/SCREEN of the sweeps each; the best per target the rest, where a
 #: later start must beat the first (lora-warm) by SCREEN_MARGIN (relative) to replace it
 SCREEN = 10
@@ -222,7 +229,8 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
     targets (the Figure 2 grid, r = 8-72) ended at or below ALS's 200 sweeps on 106 of
     108 cells (the other two +0.0001), in 0.2-0.5× the time at r = 16-72 and about the
     same at r = 8 (SMoA r = 72: 0.7357 against 0.7365 on the orthogonal target, 31 s
-    against 156 s per batch of four); at 256×200 ALS is as good and faster, and is kept."""
+    against 156 s per batch of four); at 256×200 ALS is as good and faster, and is kept.
+    α-LoRA (``ADAM_TO_LBFGS``) goes from Adam to L-BFGS on the same targets."""
     meth = method if isinstance(method, theory.Method) else theory.get_method(method)
     avail = solvers_for(meth)
     chosen = "svd" if "svd" in avail else ("als" if "als" in avail else "adam")
@@ -231,6 +239,8 @@ def auto_solver(method, config: Config, m: int, n: int) -> str:
         if max(m, n) >= LBFGS_FROM or not _kr.cheaper(r1, r2, m, n):
             chosen = "lbfgs"
     if chosen == "als" and is_modulated(meth) and max(m, n) >= LBFGS_FROM:
+        chosen = "lbfgs"
+    if chosen == "adam" and meth.name in ADAM_TO_LBFGS and max(m, n) >= LBFGS_FROM:
         chosen = "lbfgs"
     return chosen
 
@@ -452,7 +462,8 @@ def _fit(method, M, config, *, w0, solver, steps, init, seed, lr, device, dtype,
         starts = [("given", 0)]
     modulated = chosen == "lbfgs" and is_modulated(meth)
     if tol is None and chosen in STOP:
-        rule = MODULATED_STOP if modulated else STOP[chosen]
+        rule = MODULATED_STOP if modulated else ADAM_TO_LBFGS[meth.name] \
+            if chosen == "lbfgs" and meth.name in ADAM_TO_LBFGS else STOP[chosen]
         tol, window = rule[0], window if window is not None else rule[1]
     tol = 1e-7 if tol is None else float(tol)
     precondition = bool(precondition) and (is_hadamard_pair(meth) or modulated)
