@@ -21,7 +21,7 @@ data, an exception that escapes it makes the task a :class:`TaskFailed`.
   ``--gpus-per-task`` is given, or where the caller says the job is long
   (``long_job``), the device is a CPU with two cores or more and Ray is installed: then
   a local Ray instance runs one one-thread task per core (on this 2-core machine two
-  one-thread workers fit the Figure 2 grid 2.1× faster than one two-thread process);
+  one-thread workers fit the Figure 2 grid about 2× faster than one two-thread process);
   if that instance does not start, the tasks run locally and the first line says why.
   Otherwise ``local``.
 - ``--executor local``: the tasks run one after another in this process.

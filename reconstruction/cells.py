@@ -130,8 +130,8 @@ def batches(cells: Sequence[tuple[Cell, Any]], device: str = "cpu", batched: boo
 COST = {"svd": (0.3, 0.0), "exact": (4.0, 0.05), "als": (0.0, 0.7), "adam": (0.0, 0.3),
         "lbfgs": (0.0, 1.0), "modulated": (0.0, 0.5), "stopped-lbfgs": (3.4, 0.1)}
 #: seconds of one CPU thread here per unit of ``cost``: the Figure 2 grid's 96 batches
-#: come to 6957 units and took 1561 s of fitting in one-thread tasks (2026-12-07)
-SECONDS_PER_COST = 0.224
+#: come to 6795 units and took 1460 s of fitting in one-thread tasks (2026-12-07)
+SECONDS_PER_COST = 0.215
 
 
 def cost(batch: Batch) -> float:
