@@ -84,8 +84,9 @@ def check_memory(nbytes: float, what: str, device: str = "cpu", hint: str = "",
                          f"{format_bytes(free)} free on {device}{tail}")
 
 
-def check_device(device: str | None) -> str:
-    """A device string torch understands and this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+def check_device(device: str | None, here: bool = True) -> str:
+    """A device string torch understands and this machine has (``cpu``, ``cuda``, ``cuda:1``).
+    ``here=False``: only the name (the work runs on other machines, e.g. a Ray cluster)."""
     import torch
 
     device = (device or "cpu").strip()
@@ -93,6 +94,10 @@ def check_device(device: str | None) -> str:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"--device {device}: not a device torch knows; use cpu or cuda[:N]") from None
+    if not here:
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {device}: use cpu or cuda")
+        return device
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")

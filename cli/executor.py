@@ -115,7 +115,7 @@ def choose(kind: str, *, address: str | None = None, cpus_per_task: float | None
         return kind
     if any(v is not None for v in (address, cpus_per_task, gpus_per_task)):
         return "ray"
-    if not long_job or str(device).startswith("cuda") or cpus_here() < 2:
+    if not long_job or str(device).strip().split(":")[0] != "cpu" or cpus_here() < 2:
         return "local"
     try:
         import ray  # noqa: F401

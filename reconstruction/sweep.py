@@ -438,8 +438,9 @@ def work(args) -> None:
     long_job = estimated_seconds(grid, out, args.max_cells) >= LONG_JOB
     kind = X.choose(args.executor, address=args.address, cpus_per_task=args.cpus_per_task,
                     gpus_per_task=args.gpus_per_task, device=grid.device, long_job=long_job)
-    if kind == "local":
-        grid.device = cli.check_device(grid.device)
+    # the whole check where the tasks run on this machine (locally or on a Ray instance
+    # started here), the name alone for a cluster elsewhere
+    grid.device = cli.check_device(grid.device, here=kind == "local" or not args.address)
     ex = X.from_args(args, device=grid.device, long_job=long_job)
     with ex:
         _check_memory(grid, ex)

@@ -164,6 +164,15 @@ def test_device_check(bad):
     assert cli.check_device("cpu") == "cpu"
 
 
+def test_device_check_for_other_machines_checks_the_name_only():
+    """For a Ray cluster elsewhere: a CUDA device this machine lacks passes, a device
+    the tools do not run on does not."""
+    assert cli.check_device("cuda:7", here=False) == "cuda:7"
+    for bad in ("tpu", "mps", "nonsense:x"):
+        with pytest.raises(ValueError, match="--device"):
+            cli.check_device(bad, here=False)
+
+
 def test_thread_check():
     assert cli.check_threads(None) is None and cli.check_threads(1) == 1
     for bad in (0, -1, 10**6):

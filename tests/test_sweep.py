@@ -304,6 +304,8 @@ BAD = [
     (["--seeds", "-1"], "--seeds"),
     (["--size", "100000000", "--ranks", "8"], "needs about"),
     (["--device", "tpu"], "--device"),
+    (["--preset", "abba-fig2", "--device", "tpu"], "--device tpu"),  # a long grid: auto
+    (["--executor", "ray", "--device", "tpu"], "--device tpu"),  # checked before Ray starts
     (["--executor", "local", "--address", "auto"], "--address is for --executor ray"),
     (["--executor", "local", "--gpus-per-task", "1"], "--gpus-per-task is for --executor ray"),
     (["--address", "127.0.0.1:1"], "no Ray cluster answers"),  # auto: a Ray flag asks for Ray
